@@ -1,0 +1,1 @@
+"""Shipped training recipes (TOML files); `dni-rnn recipes` lists them."""
