@@ -1,0 +1,149 @@
+"""Synthesizers: regression models that estimate a message (a gradient or an activation)
+from a trigger, optionally conditioned on a context (cDNI).
+
+Any `nn.Module` with `forward(trigger, context) -> message` is a synthesizer; the message
+has the trigger's structure and shapes.
+"""
+import contextlib
+import contextvars
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from . import nest
+
+_context = contextvars.ContextVar("dni_rnn_synthesizer_context", default=None)
+
+
+@contextlib.contextmanager
+def synthesizer_context(context):
+    """Condition every synthesizer called inside the block on `context` (cDNI).
+
+    Args:
+        context: passed as the `context` argument to synthesizers, e.g. labels `(B,)` or
+            features `(B, C)`; `None` outside any block.
+    """
+    token = _context.set(context)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def current_context():
+    """The context set by the innermost `synthesizer_context` block, or None."""
+    return _context.get()
+
+
+class BasicSynthesizer(nn.Module):
+    """An MLP with ReLU that maps a trigger `(..., trigger_dim)` to a message `(..., output_dim)`.
+
+    The output layer is zero-initialised (weights and bias): the first synthetic gradients
+    are exactly zero, so training starts as plain TBPTT.
+
+    Args:
+        output_dim: size of the message's last dimension.
+        n_hidden: number of hidden layers; 0 makes the synthesizer linear.
+        hidden_dim: width of hidden layers (default: output_dim).
+        trigger_dim: size of the trigger's last dimension (default: output_dim).
+        context_dim: size of the context; a LongTensor context of class labels is one-hot
+            encoded to this size. None: the synthesizer ignores any context.
+    """
+
+    def __init__(self, output_dim, n_hidden=0, hidden_dim=None, trigger_dim=None, context_dim=None):
+        super().__init__()
+        if n_hidden < 0:
+            raise ValueError(f"n_hidden must be >= 0, got {n_hidden}")
+        self.output_dim = output_dim
+        self.trigger_dim = trigger_dim or output_dim
+        self.context_dim = context_dim
+        hidden_dim = hidden_dim or output_dim
+        first_dim = hidden_dim if n_hidden > 0 else output_dim
+        self.input_trigger = nn.Linear(self.trigger_dim, first_dim)
+        # the context enters the first layer additively: the same as concatenating it
+        self.input_context = nn.Linear(context_dim, first_dim, bias=False) if context_dim else None
+        self.hidden = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(n_hidden - 1))
+        self.output = nn.Linear(hidden_dim, output_dim) if n_hidden > 0 else None
+        last = self.output if n_hidden > 0 else self.input_trigger
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        if n_hidden == 0 and self.input_context is not None:
+            nn.init.zeros_(self.input_context.weight)
+
+    def forward(self, trigger, context=None):
+        if trigger.shape[-1] != self.trigger_dim:
+            raise ValueError(
+                f"BasicSynthesizer expects a trigger with last dimension {self.trigger_dim}, "
+                f"got shape {tuple(trigger.shape)} (for nested states wrap it in StateSynthesizer)"
+            )
+        x = self.input_trigger(trigger)
+        if self.input_context is not None:
+            if context is None:
+                raise ValueError(
+                    "BasicSynthesizer was built with context_dim but got no context; "
+                    "wrap the calls in dni.synthesizer_context(context)"
+                )
+            if not context.is_floating_point():
+                context = F.one_hot(context.long(), self.context_dim).to(trigger.dtype)
+            x = x + self.input_context(context)
+        if self.output is None:
+            return x
+        x = F.relu(x)
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.output(x)
+
+
+def state_dim(state, batch_dim=None):
+    """Features per example of a (nested) state: what StateSynthesizer's inner MLP sees.
+
+    Example: an LSTM state `(h, c)`, each `(layers, B, H)`, has `2 * layers * H`.
+    """
+    return sum(t.numel() // nest.batch_size(t, batch_dim) for t in nest.flatten(state))
+
+
+class StateSynthesizer(nn.Module):
+    """Apply a flat synthesizer to a nested state.
+
+    Every tensor of the trigger is moved to batch-first, flattened per example and
+    concatenated along the feature dimension; the inner synthesizer maps `(B, D)` to
+    `(B, D)`, and its output is split and reshaped back into the trigger's structure.
+
+        (h, c): (layers, B, H) each  ->  (B, 2*layers*H)  -> inner ->  back to (h, c)
+
+    Args:
+        synthesizer: a module mapping `(B, D)` (and a context) to `(B, D)`.
+        batch_dim: the batch dimension of every state tensor; None: the dimension before
+            the features (`(layers, B, H)` -> 1, `(B, H)` -> 0).
+    """
+
+    def __init__(self, synthesizer, batch_dim=None):
+        super().__init__()
+        self.synthesizer = synthesizer
+        self.batch_dim = batch_dim
+
+    @classmethod
+    def mlp(cls, state_dim, n_hidden=1, hidden_dim=None, context_dim=None, batch_dim=None):
+        """A StateSynthesizer around a `BasicSynthesizer(state_dim, n_hidden, ...)`."""
+        inner = BasicSynthesizer(state_dim, n_hidden=n_hidden, hidden_dim=hidden_dim,
+                                 context_dim=context_dim)
+        return cls(inner, batch_dim=batch_dim)
+
+    def forward(self, trigger, context=None):
+        tensors = nest.flatten(trigger)
+        dims = [self._batch_dim(t) for t in tensors]
+        flat = [t.movedim(d, 0).reshape(t.shape[d], -1) for t, d in zip(tensors, dims)]
+        message = self.synthesizer(torch.cat(flat, dim=1), context)
+        pieces = message.split([f.shape[1] for f in flat], dim=1)
+        out = [
+            p.reshape(t.movedim(d, 0).shape).movedim(0, d)
+            for p, t, d in zip(pieces, tensors, dims)
+        ]
+        return nest.unflatten(trigger, out)
+
+    def _batch_dim(self, t):
+        d = nest.default_batch_dim(t) if self.batch_dim is None else self.batch_dim
+        if d is None:
+            raise ValueError("StateSynthesizer needs state tensors with a batch dimension")
+        return d
