@@ -3,8 +3,10 @@
     import dni_rnn as dni
 """
 from . import nest
+from .cells import LayerNormLSTMCell, MinimalGRUCell
 from .deferred import DeferredBackward, backward, defer_backward
 from .interfaces import BackwardInterface, BidirectionalInterface, ForwardInterface, TriggerStats
+from .models import CellLoop, RNNLanguageModel, SequenceModel
 from .synthesizers import (
     BasicSynthesizer,
     StateSynthesizer,
@@ -12,5 +14,8 @@ from .synthesizers import (
     state_dim,
     synthesizer_context,
 )
+from .tbptt import ChunkMetrics, NonFiniteLossError, TBPTTRunner
+from .truncation import FixedTruncation, RandomTruncation
+from .wrapper import DNI
 
 __version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""Models for the runner: `forward(inputs, state) -> (outputs, state)`, time-major.
+
+- `RNNLanguageModel`: embedding -> stacked LSTM / GRU (fused nn.LSTM / nn.GRU kernels, or
+  any core such as a `CellLoop`) -> decoder, with dropout and optional tied weights.
+- `CellLoop`: turns cells `cell(x_t, state) -> state` into such a core, layer by layer.
+- `SequenceModel`: a core plus a linear readout for real-valued tasks (copy, repeat copy).
+"""
+import torch
+from torch import nn
+
+from . import nest
+
+
+def _first_tensor(state):
+    return nest.flatten(state)[0]
+
+
+class CellLoop(nn.Module):
+    """A recurrent core from cells: `forward(inputs (T, B, I), state) -> (outputs (T, B, H), state)`.
+
+    Layer i's cell is called as `cell(x_t, state_i) -> state_i`; its output (the input of
+    layer i+1 and, for the last layer, the core's output) is `output_fn(state_i)`, by
+    default the first tensor of the state (h of an LSTM cell's `(h, c)`).
+
+    The state is a tuple with one entry per layer, each in the cell's own structure.
+
+    Args:
+        cells: one cell or a list of cells (one per layer).
+        init_state: optional `init_state(batch_size) -> state` (per-layer tuple); by default
+            zeros shaped after each cell's `hidden_size` (an `(h, c)` pair when the cell is an
+            LSTM-like cell with `state_size == 2`, else a single tensor).
+        output_fn: maps a layer's state to its output.
+        dropout: dropout between layers.
+    """
+
+    def __init__(self, cells, output_fn=_first_tensor, dropout=0.0, init_state=None):
+        super().__init__()
+        self.cells = nn.ModuleList(cells if isinstance(cells, (list, tuple)) else [cells])
+        self.output_fn = output_fn
+        self.drop = nn.Dropout(dropout)
+        self._init_state = init_state
+
+    def forward(self, inputs, state):
+        if len(state) != len(self.cells):
+            raise ValueError(f"CellLoop has {len(self.cells)} layers but the state has {len(state)} entries")
+        x, new_state = inputs, []
+        for i, (cell, s) in enumerate(zip(self.cells, state)):
+            outs = []
+            for t in range(x.shape[0]):
+                s = cell(x[t], s)
+                outs.append(self.output_fn(s))
+            x = torch.stack(outs)
+            if i + 1 < len(self.cells):
+                x = self.drop(x)
+            new_state.append(s)
+        return x, tuple(new_state)
+
+    def init_state(self, batch_size):
+        if self._init_state is not None:
+            return self._init_state(batch_size)
+        p = next(self.parameters())
+        states = []
+        for cell in self.cells:
+            zeros = p.new_zeros(batch_size, cell.hidden_size)
+            pair = isinstance(cell, nn.LSTMCell) or getattr(cell, "state_size", 1) == 2
+            states.append((zeros, zeros.clone()) if pair else zeros)
+        return tuple(states)
+
+
+def fused_init_state(rnn, batch_size):
+    """Zero state of an nn.LSTM / nn.GRU / nn.RNN: `(layers * dirs, B, H)`, `(h, c)` for an LSTM."""
+    p = next(rnn.parameters())
+    dirs = 2 if rnn.bidirectional else 1
+    h = p.new_zeros(rnn.num_layers * dirs, batch_size, rnn.hidden_size)
+    return (h, h.clone()) if isinstance(rnn, nn.LSTM) else h
+
+
+class RNNLanguageModel(nn.Module):
+    """Embedding -> recurrent core -> decoder, word_language_model style.
+
+    tokens `(T, B)` -> embeddings `(T, B, E)` -> core -> `(T, B, H)` -> logits `(T, B, V)`
+
+    Args:
+        vocab_size: number of token ids.
+        embed_dim: embedding size (must equal hidden_dim when weights are tied).
+        hidden_dim: core output size.
+        num_layers: stacked layers of the fused core.
+        cell: "lstm" or "gru" (fused kernels), ignored when `core` is given.
+        dropout: dropout on embeddings, between layers and before the decoder.
+        tie_weights: share the embedding and decoder weights (Press & Wolf 2017).
+        core: a custom core `(inputs, state) -> (outputs, state)` such as a `CellLoop`.
+    """
+
+    def __init__(self, vocab_size, embed_dim=200, hidden_dim=200, num_layers=2, cell="lstm",
+                 dropout=0.0, tie_weights=False, core=None):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        if core is None:
+            kinds = {"lstm": nn.LSTM, "gru": nn.GRU}
+            if cell not in kinds:
+                raise ValueError(f"unknown cell {cell!r}; choose one of {sorted(kinds)}")
+            core = kinds[cell](embed_dim, hidden_dim, num_layers,
+                               dropout=dropout if num_layers > 1 else 0.0)
+        self.core = core
+        self.decoder = nn.Linear(hidden_dim, vocab_size)
+        if tie_weights:
+            if embed_dim != hidden_dim:
+                raise ValueError(f"tied weights need embed_dim == hidden_dim, got {embed_dim} and {hidden_dim}")
+            self.decoder.weight = self.embedding.weight
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        if not tie_weights:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def forward(self, tokens, state):
+        x = self.drop(self.embedding(tokens))
+        y, state = self.core(x, state)
+        return self.decoder(self.drop(y)), state
+
+    def init_state(self, batch_size):
+        if isinstance(self.core, nn.RNNBase):
+            return fused_init_state(self.core, batch_size)
+        return self.core.init_state(batch_size)
+
+
+class SequenceModel(nn.Module):
+    """A recurrent core with a linear readout, for real-valued sequence tasks.
+
+    inputs `(T, B, I)` -> core -> `(T, B, H)` -> readout `(T, B, O)` (logits for bit targets)
+    """
+
+    def __init__(self, input_dim, output_dim, hidden_dim=256, num_layers=1, cell="lstm", core=None):
+        super().__init__()
+        if core is None:
+            kinds = {"lstm": nn.LSTM, "gru": nn.GRU}
+            if cell not in kinds:
+                raise ValueError(f"unknown cell {cell!r}; choose one of {sorted(kinds)}")
+            core = kinds[cell](input_dim, hidden_dim, num_layers)
+        self.core = core
+        self.readout = nn.Linear(hidden_dim, output_dim)
+
+    def forward(self, inputs, state):
+        y, state = self.core(inputs, state)
+        return self.readout(y), state
+
+    def init_state(self, batch_size):
+        if isinstance(self.core, nn.RNNBase):
+            return fused_init_state(self.core, batch_size)
+        return self.core.init_state(batch_size)

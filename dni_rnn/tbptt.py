@@ -1,0 +1,397 @@
+"""The TBPTT runner: chunk sequences, carry state, and (optionally) replace the truncated
+future gradient with a synthetic one (DNI).
+
+One chunk k covers steps [a, b) of a time-major stream:
+
+    inputs  (N, B, ...)   ----[ a ........ b )----
+    state s_k  -> make_trigger -> model -> s_{k+1} -> g_hat_{k+1} = M(s_{k+1})
+    objective:  L_k + beta * <g_hat_{k+1}, s_{k+1}>            (one deferred backward)
+    M's target at s_k:  dL_k/ds_k + lambda * J_k^T g_hat_{k+1}  (J_k = ds_{k+1}/ds_k)
+
+lambda == beta comes free with the one backward pass; any other lambda adds
+(lambda - beta) * J_k^T g_hat_{k+1} at the trigger, computed by a second vector-Jacobian
+product through the recurrent core only (DESIGN.md, "Cost").
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+
+from . import deferred, nest
+from .interfaces import BackwardInterface
+from .truncation import as_schedule
+
+
+class NonFiniteLossError(RuntimeError):
+    """A chunk produced a NaN or infinite loss or gradient; no parameter was changed."""
+
+
+@dataclass
+class ChunkMetrics:
+    """What one training chunk did. Synthesizer fields are None for plain TBPTT.
+
+    loss: the chunk's mean loss; tokens: steps x streams; grad_norm: model gradient norm
+    before clipping; synth_loss: the synthesizer's regression loss at the trigger;
+    cosine: cosine between synthetic and real gradient at the trigger; synthetic_norm /
+    real_norm: their norms (gradient units); aux_loss: the DNI + Aux loss.
+    """
+
+    step: int
+    length: int
+    loss: float
+    tokens: int
+    grad_norm: float = None
+    synth_loss: float = None
+    cosine: float = None
+    synthetic_norm: float = None
+    real_norm: float = None
+    aux_loss: float = None
+    skipped: bool = False
+
+    def as_dict(self):
+        return asdict(self)
+
+
+class TBPTTRunner:
+    """Truncated BPTT over time-major streams, with or without synthetic gradients.
+
+    Args:
+        model: `forward(inputs, state) -> (outputs, state)`, inputs time-major `(T, B, ...)`.
+            If it has `init_state(batch_size)`, `run` can start without a state.
+        loss_fn: `loss_fn(outputs, targets) -> scalar`, the chunk's mean loss.
+        optimizer: steps the model (and the synthesizer, unless `synth_optimizer` is given).
+        truncation: chunk length: an int, or a schedule `() -> int` (see `RandomTruncation`).
+        synthesizer: module `(state, context) -> gradient estimate` shaped like the state
+            (e.g. `StateSynthesizer.mlp(state_dim(state))`); None: plain TBPTT.
+        sg_scale: beta, the weight of the synthetic gradient injected at each chunk end.
+        bootstrap: lambda in [0, 1], the weight of J^T g_hat in the synthesizer's target;
+            None: equal to `sg_scale` (free). Defaults are the stable setting of DESIGN.md.
+        clip: max gradient norm of the model's parameters (None: no clip).
+        synth_clip: max gradient norm of the synthesizer's parameters, clipped separately
+            (a shared clip measurably hurts; DESIGN.md, "Stability and benefit").
+        warmup: optimizer steps during which the synthesizer trains but nothing is injected.
+        target_scale: units of the synthesizer's targets: "raw" (gradients of the mean
+            loss as they are), "sum" (times the chunk's tokens: gradients of the summed
+            loss), or a number.
+        aux_head: for DNI + Aux, a module `(state, context) -> estimate` shaped like the
+            state; `aux_weight` > 0 turns it on (see `_aux_loss`).
+        aux_weight: weight of the auxiliary loss.
+        synth_optimizer: an optimizer of its own for the synthesizer (and aux head).
+        batch_dim: batch dimension of state tensors (None: the one before the features).
+        on_nonfinite: "raise" (stop with NonFiniteLossError) or "skip" (drop the update,
+            restart the state, go on).
+    """
+
+    def __init__(self, model, loss_fn, optimizer, truncation=35, synthesizer=None,
+                 sg_scale=0.1, bootstrap=None, clip=0.25, synth_clip=None, warmup=0,
+                 target_scale="raw", aux_head=None, aux_weight=0.0, synth_optimizer=None,
+                 batch_dim=None, on_nonfinite="raise"):
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.schedule = as_schedule(truncation)
+        self.sg_scale = float(sg_scale)
+        self.bootstrap = self.sg_scale if bootstrap is None else float(bootstrap)
+        if not 0.0 <= self.bootstrap <= 1.0:
+            raise ValueError(f"bootstrap (lambda) must lie in [0, 1], got {bootstrap}")
+        if self.sg_scale < 0:
+            raise ValueError(f"sg_scale (beta) must be >= 0, got {sg_scale}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if not (target_scale in ("raw", "sum") or isinstance(target_scale, (int, float))):
+            raise ValueError(f"target_scale must be 'raw', 'sum' or a number, got {target_scale!r}")
+        if aux_weight and aux_head is None:
+            raise ValueError("aux_weight > 0 needs an aux_head (e.g. StateSynthesizer.mlp(...))")
+        if aux_weight and synthesizer is None:
+            raise ValueError("DNI + Aux needs a synthesizer")
+        self.clip, self.synth_clip = clip, synth_clip
+        self.warmup, self.target_scale = int(warmup), target_scale
+        self.aux_head, self.aux_weight = aux_head, float(aux_weight)
+        self.synth_optimizer, self.batch_dim = synth_optimizer, batch_dim
+        self.on_nonfinite = on_nonfinite
+        self.interface = BackwardInterface(synthesizer, batch_dim) if synthesizer is not None else None
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.synth_params = []
+        if synthesizer is not None:
+            self.synth_params = list(synthesizer.parameters())
+            if aux_head is not None and aux_weight:
+                self.synth_params += list(aux_head.parameters())
+            self._check_params()
+        self.step = 0
+
+    def _check_params(self):
+        model_ids = {id(p) for p in self.model_params}
+        if any(id(p) in model_ids for p in self.synth_params):
+            raise ValueError("the synthesizer's parameters must not be part of the model")
+        opt = self.synth_optimizer or self.optimizer
+        in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+        missing = [p for p in self.synth_params if id(p) not in in_opt]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} synthesizer parameters are in no optimizer; add them to the "
+                "optimizer (e.g. list(model.parameters()) + list(synth.parameters())) or pass "
+                "synth_optimizer"
+            )
+
+    # ---- one chunk -------------------------------------------------------------------
+
+    def train_chunk(self, inputs, targets, state, resets=None, future=True, next_resets=None):
+        """Train on one chunk and return the carried (detached) state and its metrics.
+
+        Args:
+            inputs, targets: `(T, B, ...)` time-major.
+            state: the state entering the chunk.
+            resets: optional `(T, B)` bool; stream b's state is zeroed before step t where
+                True (gradients stop there).
+            future: whether the stream goes on after this chunk (no synthetic gradient at
+                the end of a sequence).
+            next_resets: optional `(B,)` bool; streams that restart right after this chunk
+                get no synthetic gradient.
+        Returns:
+            (state, ChunkMetrics)
+        """
+        T, B = inputs.shape[0], inputs.shape[1]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.synth_optimizer is not None:
+            self.synth_optimizer.zero_grad(set_to_none=True)
+        metrics = ChunkMetrics(step=self.step, length=T, loss=math.nan, tokens=T * B)
+        try:
+            if self.interface is None:
+                new_state = self._plain_chunk(inputs, targets, state, resets, metrics)
+            else:
+                new_state = self._dni_chunk(inputs, targets, state, resets, future,
+                                            next_resets, metrics)
+            self._clip_and_step(metrics)
+        except NonFiniteLossError:
+            if self.on_nonfinite == "raise":
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.synth_optimizer is not None:
+                self.synth_optimizer.zero_grad(set_to_none=True)
+            metrics.skipped = True
+            self.step += 1
+            return nest.map_state(torch.zeros_like, state), metrics
+        self.step += 1
+        return nest.detach(new_state), metrics
+
+    def _plain_chunk(self, inputs, targets, state, resets, metrics):
+        outputs, new_state, _ = self._forward(inputs, state, resets)
+        loss = self._loss(outputs, targets, metrics)
+        loss.backward()
+        return new_state
+
+    def _dni_chunk(self, inputs, targets, state, resets, future, next_resets, metrics):
+        scale = self._scale(metrics.tokens)
+        beta = self.sg_scale if self.step >= self.warmup else 0.0
+        with deferred.defer_backward():
+            trigger = self.interface.make_trigger(state, target_scale=scale)
+            outputs, new_state, first = self._forward(inputs, trigger, resets, split_first=self._aux_on())
+            deferred.backward(self._loss(outputs, targets, metrics))
+            g_hat = None
+            if future:
+                g_hat = self.interface.synthesize(new_state, target_scale=scale)
+                if next_resets is not None:
+                    g_hat = self._zero_streams(g_hat, next_resets)
+                if beta:
+                    deferred.backward(new_state, nest.map_state(lambda g: beta * g, g_hat))
+                if self.bootstrap != beta:
+                    self._bootstrap_correction(trigger, new_state, g_hat, self.bootstrap - beta)
+                if self._aux_on():
+                    aux = self._aux_loss(first, g_hat, scale)
+                    metrics.aux_loss = aux.item()
+                    deferred.backward(self.aux_weight * aux)
+        stats = self.interface.last_stats
+        if stats.filled:
+            metrics.synth_loss = float(stats.loss)
+            metrics.cosine = float(stats.cosine)
+            metrics.synthetic_norm = float(stats.message_norm) / scale
+            metrics.real_norm = float(stats.target_norm) / scale
+        return new_state
+
+    def _bootstrap_correction(self, trigger, new_state, g_hat, weight):
+        """Add weight * J^T g_hat at the trigger (a second VJP through the recurrent core)."""
+        triggers, outs = nest.flatten(trigger), nest.flatten(new_state)
+        vjp = torch.autograd.grad(outs, triggers, nest.flatten(g_hat), retain_graph=True,
+                                  allow_unused=True)
+        grads = [weight * v if v is not None else torch.zeros_like(t) for v, t in zip(vjp, triggers)]
+        deferred.backward(triggers, grads)
+
+    def _aux_on(self):
+        return self.aux_head is not None and self.aux_weight > 0
+
+    def _aux_loss(self, state_after_first_step, g_hat, scale):
+        """DNI + Aux: the core, through its state one step into the chunk, also predicts
+        the synthetic gradient at the chunk's end. The gradient of this regression reaches
+        the model (and the aux head), so the core is pushed to carry what the future
+        gradient depends on (Jaderberg et al. 2016, Sec. 3.2, "DNI + Aux")."""
+        from .synthesizers import current_context
+        prediction = self.aux_head(state_after_first_step, current_context())
+        preds = nest.check_same_structure(state_after_first_step, prediction, "aux head message")
+        targets = nest.flatten(g_hat)
+        batch = nest.batch_size(targets[0], self.batch_dim)
+        return sum((p - scale * t).pow(2).sum() for p, t in zip(preds, targets)) / batch
+
+    def _loss(self, outputs, targets, metrics):
+        loss = self.loss_fn(outputs, targets)
+        metrics.loss = loss.item()
+        if not math.isfinite(metrics.loss):
+            raise NonFiniteLossError(
+                f"chunk {self.step}: loss is {metrics.loss}; lower the learning rate or "
+                "tighten clip, or pass on_nonfinite='skip'"
+            )
+        return loss
+
+    def _clip_and_step(self, metrics):
+        if self.clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model_params, self.clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model_params, math.inf)
+        metrics.grad_norm = float(norm)
+        if not math.isfinite(metrics.grad_norm):
+            raise NonFiniteLossError(f"chunk {self.step}: gradient norm is {metrics.grad_norm}")
+        if self.synth_clip and self.synth_params:
+            torch.nn.utils.clip_grad_norm_(self.synth_params, self.synth_clip)
+        self.optimizer.step()
+        if self.synth_optimizer is not None:
+            self.synth_optimizer.step()
+
+    def _scale(self, tokens):
+        if self.target_scale == "raw":
+            return 1.0
+        if self.target_scale == "sum":
+            return float(tokens)
+        return float(self.target_scale)
+
+    # ---- forward with resets -----------------------------------------------------------
+
+    def _forward(self, inputs, state, resets, split_first=False):
+        """Run the model over a chunk, zeroing streams' state where `resets` says.
+
+        Returns (outputs, state, the state after the first segment: step 1 with split_first).
+        """
+        T = inputs.shape[0]
+        cuts = {0, T}
+        if resets is not None:
+            cuts.update(int(t) for t in torch.nonzero(resets.any(dim=1)).flatten().tolist())
+        if split_first and T > 1:
+            cuts.add(1)
+        cuts = sorted(cuts)
+        outputs, first = [], None
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if resets is not None:
+                state = self._zero_streams(state, resets[a])
+            out, state = self.model(inputs[a:b], state)
+            outputs.append(out)
+            if first is None:
+                first = state
+        outputs = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        return outputs, state, first
+
+    def _zero_streams(self, state, mask):
+        """Zero the streams where `mask` (B,) is True, keeping the graph elsewhere."""
+        if not bool(mask.any()):
+            return state
+
+        def zero(t):
+            dim = nest.default_batch_dim(t) if self.batch_dim is None else self.batch_dim
+            shape = [1] * t.dim()
+            shape[dim] = -1
+            return t * (~mask).to(t.dtype).reshape(shape)
+
+        return nest.map_state(zero, state)
+
+    # ---- whole streams -----------------------------------------------------------------
+
+    def run(self, inputs, targets, state=None, resets=None, on_chunk=None, final=True):
+        """Train over time-major streams chunk by chunk.
+
+        Args:
+            inputs, targets: `(N, B, ...)`.
+            state: the initial state (None: `model.init_state(B)`).
+            resets: optional `(N, B)` bool marks of sequence starts (state zeroed there).
+            on_chunk: called with each ChunkMetrics (logging, progress bars).
+            final: the streams end here: no synthetic gradient after the last chunk.
+        Returns:
+            (state, list of ChunkMetrics)
+        """
+        self._check_streams(inputs, targets, resets)
+        state = self._initial_state(inputs, state)
+        self.model.train()
+        if self.interface is not None:
+            self.interface.train()
+        history, a, N = [], 0, inputs.shape[0]
+        while a < N:
+            b = min(a + self._next_length(), N)
+            more = b < N or not final
+            next_resets = resets[b] if resets is not None and b < N else None
+            state, metrics = self.train_chunk(
+                inputs[a:b], targets[a:b], state,
+                resets=resets[a:b] if resets is not None else None,
+                future=more, next_resets=next_resets)
+            history.append(metrics)
+            if on_chunk is not None:
+                on_chunk(metrics)
+            a = b
+        return state, history
+
+    @torch.no_grad()
+    def evaluate(self, inputs, targets, state=None, resets=None, chunk_length=None):
+        """Mean loss over time-major streams (weighted by tokens), no updates.
+
+        Returns:
+            (mean loss, final state)
+        """
+        self._check_streams(inputs, targets, resets)
+        state = self._initial_state(inputs, state)
+        was_training = self.model.training
+        self.model.eval()
+        length = chunk_length or self._eval_length()
+        total, count, N = 0.0, 0, inputs.shape[0]
+        try:
+            for a in range(0, N, length):
+                b = min(a + length, N)
+                outputs, state, _ = self._forward(inputs[a:b], state,
+                                               resets[a:b] if resets is not None else None)
+                tokens = (b - a) * inputs.shape[1]
+                total += self.loss_fn(outputs, targets[a:b]).item() * tokens
+                count += tokens
+        finally:
+            self.model.train(was_training)
+        return total / max(count, 1), state
+
+    def _eval_length(self):
+        return getattr(self.schedule, "length", 35)
+
+    def _next_length(self):
+        length = self.schedule()
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"the truncation schedule gave {length!r}; chunk lengths must be ints >= 1")
+        return length
+
+    def _initial_state(self, inputs, state):
+        if state is not None:
+            return state
+        init = getattr(self.model, "init_state", None)
+        if init is None:
+            raise ValueError("pass an initial state, or give the model init_state(batch_size)")
+        return init(inputs.shape[1])
+
+    @staticmethod
+    def _check_streams(inputs, targets, resets):
+        if inputs.dim() < 2 or targets.dim() < 2 or inputs.shape[:2] != targets.shape[:2]:
+            raise ValueError(
+                f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be "
+                "time-major streams (N, B, ...) with the same N and B"
+            )
+        if resets is not None and tuple(resets.shape) != tuple(inputs.shape[:2]):
+            raise ValueError(f"resets must have shape {tuple(inputs.shape[:2])}, got {tuple(resets.shape)}")
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def state_dict(self):
+        """Runner state for resuming: step count and the truncation schedule's generator."""
+        sched = self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else {}
+        return {"step": self.step, "schedule": sched}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+        if hasattr(self.schedule, "load_state_dict"):
+            self.schedule.load_state_dict(state["schedule"])
