@@ -102,6 +102,13 @@ class Corpus:
                    **{s: entry[s].to(torch.int64) for s in SPLITS})
 
 
+def _summary(names: list[str], keep: int = 10) -> list[str]:
+    """At most ``keep`` source names (a dataset split may have millions of rows)."""
+    if len(names) <= keep:
+        return names
+    return names[:keep] + [f"... ({len(names)} sources in all)"]
+
+
 def _to_tensor(a: array) -> torch.Tensor:
     return torch.frombuffer(a, dtype=torch.int64).clone() if len(a) else torch.empty(0, dtype=torch.int64)
 
@@ -203,7 +210,7 @@ def build_corpus(name: str, splits: dict[str, Sequence[Source]], tokenizer, *,
                 mask[torch.tensor(at, dtype=torch.int64)] = True
             doc_starts[split] = mask
     info = {"tokens": {s: len(tensors[s]) for s in SPLITS},
-            "sources": {s: [src.name for src in (splits.get(s) or [])] for s in SPLITS},
+            "sources": {s: _summary([src.name for src in (splits.get(s) or [])]) for s in SPLITS},
             "tokenizer": tokenizer.settings(), "build_seconds": round(time.perf_counter() - t0, 3)}
     return Corpus(name=name, vocab=vocab, doc_starts=doc_starts, tokenizer=tokenizer, info=info,
                   **tensors)

@@ -72,3 +72,42 @@ class SymbolTokenizer(WordTokenizer):
 
     def detokenize(self, tokens: list[str]) -> str:
         return "".join(" " if t == self.space else t for t in tokens)
+
+
+TOKENIZERS = ("word", "char", "sentencepiece")
+
+
+def make_tokenizer(spec, *, train_lines=None, data_key: dict | None = None, cache=None,
+                   sp_vocab_size: int = 8000, sp_model_type: str = "unigram",
+                   sp_options: dict | None = None):
+    """A tokenizer from its name (or pass an object with the tokenizer methods through).
+
+    Args:
+        spec: "word", "char", "sentencepiece", or a tokenizer object.
+        train_lines: for sentencepiece, a callable returning the training lines.
+        data_key: for sentencepiece, what identifies the training data (cache key).
+        cache: the cache root, for the sentencepiece model.
+        sp_vocab_size, sp_model_type, sp_options: sentencepiece training settings.
+
+    Returns:
+        The tokenizer.
+    """
+    if not isinstance(spec, str):
+        return spec
+    if spec == "word":
+        return WordTokenizer()
+    if spec == "char":
+        return CharTokenizer()
+    if spec == "sentencepiece":
+        from .subword import train_sentencepiece
+
+        if cache is None:
+            from .paths import cache_root
+
+            cache = cache_root()
+        return train_sentencepiece(train_lines, data_key or {}, cache=cache,
+                                   vocab_size=sp_vocab_size, model_type=sp_model_type,
+                                   options=sp_options)
+    from .errors import CorpusError
+
+    raise CorpusError(f"unknown tokenizer {spec!r}; choose one of {', '.join(TOKENIZERS)}")
