@@ -46,7 +46,7 @@ class Source:
     first_line: int = 1
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no single truth value; compare splits explicitly
 class Corpus:
     """A tokenised corpus.
 

@@ -2,8 +2,9 @@
 
 ``datasets`` is optional: it is imported inside the functions, never by ``import corpora``.
 Each row of the text column is one line (a row with inner newlines is several lines), and
-each line gets one ``<eos>``, which gives the usual WikiText counts (WikiText-2 word
-level: 2,088,628 / 217,646 / 245,569 ids, 33,278 types).
+each line gets one ``<eos>``: the rule of pytorch/examples' word_language_model, whose
+WikiText-2 counts are 2,088,628 / 217,646 / 245,569 ids and 33,278 types (not checked
+here: WikiText is not in shared/data and there is no network).
 
 Offline, ``load_dataset`` still reads local files: ``load_hf("text", data_files={"train":
 ..., "validation": ..., "test": ...})``; the tokenised ids are cached by the dataset
