@@ -93,7 +93,8 @@ def split_streams(data: torch.Tensor, rank: int, world_size: int, dim: int = 1) 
         raise CorpusError(f"rank {rank} is not in a world of size {world_size}")
     if b % world_size:
         raise CorpusError(f"global batch {b} does not split across {world_size} ranks "
-                          f"(batch % world_size = {b % world_size}); pick a multiple of {world_size}")
+                          f"(batch % world_size = {b % world_size}); "
+                          f"pick a multiple of {world_size}")
     per = b // world_size
     return data.narrow(dim, rank * per, per)
 
@@ -136,7 +137,8 @@ def get_chunk(data: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torc
     return data[i:i + length], data[i + 1:i + 1 + length]
 
 
-def iter_chunks(data: torch.Tensor, bptt: int | Iterable[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_chunks(data: torch.Tensor, bptt: int | Iterable[int]
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Walk the streams chunk by chunk.
 
     Args:
@@ -164,6 +166,7 @@ def iter_masked_chunks(data: torch.Tensor, mask: torch.Tensor, bptt: int | Itera
         state of stream b must be reset before step t.
     """
     if mask.shape != data.shape:
-        raise CorpusError(f"mask shape {tuple(mask.shape)} differs from data shape {tuple(data.shape)}")
+        raise CorpusError(f"mask shape {tuple(mask.shape)} differs from data shape "
+                          f"{tuple(data.shape)}")
     for i, length in chunk_spans(data.size(0), bptt):
         yield data[i:i + length], data[i + 1:i + 1 + length], mask[i:i + length]

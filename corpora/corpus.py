@@ -110,7 +110,9 @@ def _summary(names: list[str], keep: int = 10) -> list[str]:
 
 
 def _to_tensor(a: array) -> torch.Tensor:
-    return torch.frombuffer(a, dtype=torch.int64).clone() if len(a) else torch.empty(0, dtype=torch.int64)
+    if not len(a):
+        return torch.empty(0, dtype=torch.int64)
+    return torch.frombuffer(a, dtype=torch.int64).clone()
 
 
 def _encode_with(stoi: dict, unk: int | None, eos_id: int | None, sources: Sequence[Source],

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .cache import cache_key
+from .checksums import file_md5
 from .corpus import Corpus, Source, build_corpus, cached_build
 from .errors import CorpusError
 from .paths import DATA_DIR_ENV, cache_root, env_data_dir
@@ -49,13 +50,28 @@ def _row_lines(row) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in row.split("\n")]
 
 
+def _local_md5s(data_files, cache) -> list:
+    """md5 sums of the local files in a ``data_files`` argument (str, list or dict)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, (str, os.PathLike)):
+        items = [data_files]
+    elif isinstance(data_files, Mapping):
+        items = [f for v in data_files.values()
+                 for f in ([v] if isinstance(v, (str, os.PathLike)) else list(v))]
+    else:
+        items = list(data_files)
+    return [[str(f), file_md5(f, cache)] for f in items if Path(f).is_file()]
+
+
 def load_hf(name: str, config: str | None = None, *, data_files=None,
             split_names: Mapping[str, str | None] | None = None, text_field: str = "text",
             tokenizer="word", documents: str | None = None,
             cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
             hf_cache_dir: str | os.PathLike | None = None, max_vocab: int | None = None,
             min_freq: int = 1, sp_vocab_size: int = 8000, sp_model_type: str = "unigram",
-            sp_options: dict | None = None, eos: str = EOS, unk: str = UNK, **load_kwargs) -> Corpus:
+            sp_options: dict | None = None, eos: str = EOS, unk: str = UNK,
+            **load_kwargs) -> Corpus:
     """Tokenise a Hugging Face text dataset into a Corpus.
 
     Args:
@@ -92,9 +108,11 @@ def load_hf(name: str, config: str | None = None, *, data_files=None,
             load_kwargs["cache_dir"] = str(hf_cache_dir)
         ds = datasets.load_dataset(name, config, data_files=data_files, **load_kwargs)
     except Exception as e:  # datasets raises many types; all mean "not available"
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF offline mode is on: only local files and the HF cache can be read)" if offline else ""
-        raise CorpusError(f"could not load Hugging Face dataset {label}{hint}: {_one_line(e)}") from None
+        offline = "1" in (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
+        hint = (" (HF offline mode is on: only local files and the HF cache can be read)"
+                if offline else "")
+        raise CorpusError(f"could not load Hugging Face dataset {label}{hint}: "
+                          f"{_one_line(e)}") from None
     available = list(ds.keys())
     chosen: dict[str, str | None] = {}
     for split, candidates in SPLIT_NAMES.items():
@@ -107,15 +125,19 @@ def load_hf(name: str, config: str | None = None, *, data_files=None,
                     f"{label} has no {split} split (it has {', '.join(available)}); pass "
                     f"split_names={{'{split}': NAME or None}}")
         if chosen[split] is not None and chosen[split] not in available:
-            raise CorpusError(f"{label} has no split {chosen[split]!r} (it has {', '.join(available)})")
+            raise CorpusError(f"{label} has no split {chosen[split]!r} "
+                              f"(it has {', '.join(available)})")
     for split, hf_split in chosen.items():
-        if hf_split is not None and text_field not in ds[hf_split].column_names:
+        columns = ds[hf_split].column_names if hf_split is not None else [text_field]
+        if text_field not in columns:
             raise CorpusError(f"{label}[{hf_split}] has no column {text_field!r} (it has "
-                              f"{', '.join(ds[hf_split].column_names)}); pass text_field=")
-    fingerprints = {s: getattr(ds[h], "_fingerprint", None) if h else None for s, h in chosen.items()}
+                              f"{', '.join(columns)}); pass text_field=")
+    fingerprints = {s: getattr(ds[h], "_fingerprint", None) if h else None
+                    for s, h in chosen.items()}
     if any(h is not None and fingerprints[s] is None for s, h in chosen.items()):
         use_cache = False  # nothing identifies the data: do not cache
     cache = cache_root(cache_dir)
+    local_md5 = _local_md5s(data_files, cache)  # belt and braces: local files by content
 
     def rows(split: str):
         return ds[chosen[split]][text_field] if chosen[split] is not None else []
@@ -124,13 +146,14 @@ def load_hf(name: str, config: str | None = None, *, data_files=None,
         for row in rows("train"):
             yield from _row_lines(row)
 
-    tok = make_tokenizer(tokenizer, train_lines=train_lines, data_key={"hf": fingerprints["train"]},
+    tok = make_tokenizer(tokenizer, train_lines=train_lines,
+                         data_key={"hf": fingerprints["train"], "local_md5": local_md5},
                          cache=cache, sp_vocab_size=sp_vocab_size, sp_model_type=sp_model_type,
                          sp_options=sp_options)
     options = {"documents": documents, "text_field": text_field, "max_vocab": max_vocab,
                "min_freq": min_freq, "eos": eos, "unk": unk}
     key = cache_key({"corpus": "hf", "name": label, "fingerprints": fingerprints,
-                     "tokenizer": tok.settings(), **options})
+                     "local_md5": local_md5, "tokenizer": tok.settings(), **options})
 
     def build() -> Corpus:
         splits = {}
@@ -210,10 +233,12 @@ def load_wikitext(version: str = "2", raw: bool = False, *,
         env = env_data_dir()
         files = _find_wikitext(env, folder, raw) if env is not None and env.is_dir() else None
     if files is not None:
-        return load_text_files(*files, tokenizer=tokenizer, name=folder, cache_dir=cache_dir, **kwargs)
+        return load_text_files(*files, tokenizer=tokenizer, name=folder, cache_dir=cache_dir,
+                               **kwargs)
     config = f"wikitext-{version}{'-raw' if raw else ''}-v1"
     try:
-        return load_hf("Salesforce/wikitext", config, tokenizer=tokenizer, cache_dir=cache_dir, **kwargs)
+        return load_hf("Salesforce/wikitext", config, tokenizer=tokenizer, cache_dir=cache_dir,
+                       **kwargs)
     except CorpusError as e:
         raise CorpusError(f"WikiText-{version} not found locally (set {DATA_DIR_ENV} to a folder "
                           f"with {folder}/ or pass data_dir) and {e}") from None

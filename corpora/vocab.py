@@ -142,11 +142,14 @@ class Vocabulary:
         else:
             i = next((i for i, (a, b) in enumerate(zip(self.itos, other.itos)) if a != b), None)
             if i is not None:
-                detail = f"id {i} is {other.itos[i]!r} in the {what} but {self.itos[i]!r} in the corpus"
+                detail = (f"id {i} is {other.itos[i]!r} in the {what} but {self.itos[i]!r} "
+                          f"in the corpus")
             else:
-                detail = (f"special tokens differ: {what} eos={other.eos_token!r} "
-                          f"unk={other.unk_token if other.unk is not None else None!r}, corpus "
-                          f"eos={self.eos_token!r} unk={self.unk_token if self.unk is not None else None!r}")
+                def specials(v: Vocabulary) -> str:
+                    unk = v.unk_token if v.unk is not None else None
+                    return f"eos={v.eos_token!r} unk={unk!r}"
+
+                detail = f"special tokens differ: {what} {specials(other)}, corpus {specials(self)}"
         raise VocabularyMismatch(f"vocabulary mismatch: {detail}")
 
     @classmethod
@@ -167,7 +170,8 @@ class Vocabulary:
             The vocabulary.
         """
         specials = [t for t in (eos, unk) if t is not None and t in set(first_seen)]
-        order = sorted(range(len(first_seen)), key=lambda i: -counts[i])  # stable: ties by first sight
+        # sorted() is stable: equal counts keep their order of first appearance
+        order = sorted(range(len(first_seen)), key=lambda i: -counts[i])
         rest = [first_seen[i] for i in order
                 if first_seen[i] not in specials and counts[i] >= min_freq]
         pruned = len(rest) + len(specials) < len(first_seen)

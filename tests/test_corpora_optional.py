@@ -124,3 +124,18 @@ def test_sentencepiece_train_encode_decode_and_cache(tmp_path):
     assert len(models) == 2  # one model per setting
     with pytest.raises(CorpusError, match="sentencepiece training failed .*vocab_size=500"):
         load_text_files(train, tokenizer="sentencepiece", sp_vocab_size=500)
+
+
+def test_hf_sentencepiece_and_changed_local_file(tmp_path):
+    pytest.importorskip("datasets")
+    pytest.importorskip("sentencepiece")
+    train = _greek_file(tmp_path / "train.txt", 200, 2)
+    files = {"train": str(train)}
+    none = {"valid": None, "test": None}
+    c = load_hf("text", data_files=files, split_names=none, tokenizer="sentencepiece",
+                sp_vocab_size=24)
+    assert len(c.vocab) == 24 and c.decode(c.train) == train.read_text()
+    _greek_file(train, 200, 3)  # new content: neither the model nor the ids may be reused
+    d = load_hf("text", data_files=files, split_names=none, tokenizer="sentencepiece",
+                sp_vocab_size=24)
+    assert d.info["cache"] == "miss" and d.decode(d.train) == train.read_text()
