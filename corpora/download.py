@@ -71,6 +71,7 @@ def _from_archive(url: str, wanted: Mapping[str, str | None], dest_dir: Path, *,
                   timeout: float, progress: bool) -> list[str]:
     """Fetch an archive and extract the wanted files; return the names it yielded."""
     got: list[str] = []
+    errors: list[str] = []
     with tempfile.TemporaryFile() as tmp:
         _stream(url, tmp, timeout, progress, url.rsplit("/", 1)[-1])
         tmp.seek(0)
@@ -95,8 +96,14 @@ def _from_archive(url: str, wanted: Mapping[str, str | None], dest_dir: Path, *,
                         raise ValueError(f"{name} in {url} has md5 {h.hexdigest()}, "
                                          f"expected {wanted[name]}")
 
-                atomic_write(dest_dir / name, write)
+                try:
+                    atomic_write(dest_dir / name, write)
+                except ValueError as e:  # a same-named member with other content: keep looking
+                    errors.append(str(e))
+                    continue
                 got.append(name)
+    if errors and len(got) < len(wanted):
+        raise ValueError("; ".join(errors))
     return got
 
 
@@ -132,6 +139,7 @@ def fetch_all(files: Mapping[str, str | None], dest_dir: Path, sources: Sequence
                 missing.remove(name)
         except (OSError, ValueError, tarfile.TarError, shutil.Error) as e:
             reasons.append(f"{source}: {_reason(e)}")
+        missing = [n for n in missing if not (dest_dir / n).is_file()]
     return missing, reasons
 
 

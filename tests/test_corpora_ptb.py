@@ -143,7 +143,10 @@ def test_download_rejects_bad_md5(ptb_dir, tmp_path, no_env_data):
 
 def test_download_from_archive(ptb_dir, tmp_path, no_env_data):
     tgz = tmp_path / "simple-examples.tgz"
+    decoy = tmp_path / "decoy.txt"
+    decoy.write_text("a same-named file with other content\n")
     with tarfile.open(tgz, "w:gz", compresslevel=1) as tar:
+        tar.add(decoy, arcname="./simple-examples/1-basic/ptb.test.txt")  # skipped by md5
         for n in WORD:
             tar.add(ptb_dir / n, arcname=f"./simple-examples/data/{n}")
     cache = tmp_path / "c"
