@@ -68,3 +68,17 @@ class OracleSynthesizer(nn.Module):
             if all(torch.equal(a, b) for a, b in zip(s, trigger)):
                 return tuple(g)
         return tuple(torch.zeros_like(t) for t in trigger)  # after the last chunk: no future
+
+
+class BiasSynthesizer(nn.Module):
+    """message = a learnable constant per position; its grad reveals the regression target."""
+
+    def __init__(self, state):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.randn(t.shape, generator=g, dtype=t.dtype)) for t in state
+        )
+
+    def forward(self, trigger, context=None):
+        return tuple(b + 0 * t for b, t in zip(self.biases, trigger))

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import dni_rnn as dni
-from helpers import OracleSynthesizer, boundaries, chunk_loss, full_bptt, make_problem
+from helpers import BiasSynthesizer, OracleSynthesizer, boundaries, chunk_loss, full_bptt, make_problem
 
 
 def dni_chunks(model, interface, x, y, state, T, factor=1.0):
@@ -65,20 +65,6 @@ def test_zero_initialised_synthesizer_gives_plain_tbptt():
     # the synthesizer still learns: its output layer got a gradient from the real targets
     assert synth.synthesizer.output.weight.grad.abs().sum() > 0
     assert all(float(st.message_norm) == 0 for st in stats)
-
-
-class BiasSynthesizer(nn.Module):
-    """message = a learnable constant per position; its grad reveals the regression target."""
-
-    def __init__(self, state):
-        super().__init__()
-        g = torch.Generator().manual_seed(3)
-        self.biases = nn.ParameterList(
-            nn.Parameter(torch.randn(t.shape, generator=g, dtype=t.dtype)) for t in state
-        )
-
-    def forward(self, trigger, context=None):
-        return tuple(b + 0 * t for b, t in zip(self.biases, trigger))
 
 
 @pytest.mark.parametrize("factor", [1.0, 0.3])
