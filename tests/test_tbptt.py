@@ -274,3 +274,33 @@ def test_random_truncation_is_reproducible_and_resumable():
     c.load_state_dict(saved)
     assert [c() for _ in range(5)] == rest
     assert all(x >= 1 for x in first + rest) and len(set(first + rest)) > 1
+
+
+def test_aux_objective_equals_its_autograd_definition():
+    """DNI + Aux: the model's gradient is that of L + beta <g_hat, s_end> + w * aux, where aux
+    regresses the aux head's output at the state after the chunk's first step onto g_hat."""
+    model, x, y, state = make_problem(n_steps=8)
+    synth = BiasSynthesizer(state)
+    torch.manual_seed(5)
+    aux = dni.StateSynthesizer.mlp(dni.state_dim(state), n_hidden=1).double()
+    nn.init.normal_(aux.synthesizer.output.weight, std=0.1)
+    params = list(model.parameters()) + list(synth.parameters()) + list(aux.parameters())
+    opt = RecordingOptimizer(params)
+    runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, clip=None, synthesizer=synth,
+                             sg_scale=0.1, aux_head=aux, aux_weight=0.5)
+    _, metrics = runner.train_chunk(x[:4], y[:4], state)
+    n_model = len(list(model.parameters()))
+
+    leaf = tuple(t.clone() for t in state)
+    out1, s1 = model(x[:1], leaf)
+    out2, s4 = model(x[1:4], s1)
+    g_hat = [p.detach() for p in synth.biases]
+    batch = state[0].shape[1]
+    aux_loss = sum((p - g).pow(2).sum() for p, g in zip(aux(s1, None), g_hat)) / batch
+    objective = (chunk_loss(torch.cat([out1, out2]), y[:4])
+                 + 0.1 * sum((g * s).sum() for g, s in zip(g_hat, s4)) + 0.5 * aux_loss)
+    expected = torch.autograd.grad(objective, list(model.parameters()) + list(aux.parameters()))
+    got = opt.total[:n_model] + opt.total[n_model + len(g_hat):]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert metrics.aux_loss == pytest.approx(aux_loss.item(), rel=1e-9)
