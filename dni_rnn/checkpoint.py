@@ -1,0 +1,179 @@
+"""Checkpoints: plain dicts of tensors and plain values, written atomically.
+
+    {"format": "dni_rnn-checkpoint", "version": 1,
+     "config":   Config.to_dict()            plain str/int/float/bool/None
+     "model", "synthesizer", "aux_head":     state_dicts (None where absent)
+     "optimizer", "synth_optimizer":         state_dicts (None where absent)
+     "runner":   TBPTTRunner.state_dict()    step count, truncation schedule's generator
+     "vocab":    Vocabulary.state_dict()     (None for synthetic tasks)
+     "task":     the task's own state        (curriculum, data generator)
+     "progress": step, epoch, position in the epoch, tokens seen, best metric, ...
+     "hidden":   the carried recurrent state (nested tuple of tensors) or None
+     "stream":   how the current synthetic block was drawn, or None
+     "rng":      torch / CUDA / python / numpy generator states (python's as lists)}
+
+Everything is loadable with `torch.load(weights_only=True)`: no pickled classes.
+Writes go to a temporary file in the same folder, are fsync'ed, then os.replace'd over
+the target, so a kill during a write leaves the old file (or none), never a broken one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "dni_rnn-checkpoint"
+VERSION = 1
+# config sections whose differences make a checkpoint a different model or data stream
+IDENTITY_SECTIONS = ("data", "task", "model", "dni")
+IDENTITY_EXEMPT = {"data.data_dir", "data.eval_batch_size", "data.valid_tokens",
+                   "data.test_tokens", "task.eval_sequences"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or belongs to another run; one-line message."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+def save(obj, path):
+    """Write `obj` (a plain dict) to `path` atomically: temp file + fsync + os.replace."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load(path, map_location="cpu"):
+    """Read a checkpoint with `weights_only=True`.
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt, or not a dni_rnn checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable "
+                              f"({type(e).__name__}: {first[:160]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dni_rnn checkpoint")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {obj.get('version')}, "
+                              f"this dni_rnn reads version {VERSION}")
+    return obj
+
+
+def find(run_dir_or_file, prefer=("best.pt", "last.pt")):
+    """A checkpoint file: the path itself, or the first of `prefer` inside a run directory."""
+    p = Path(run_dir_or_file)
+    if p.is_dir():
+        for name in prefer:
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"no checkpoint ({' or '.join(prefer)}) in {p}")
+    if not p.exists():
+        raise CheckpointError(f"no such run directory or checkpoint: {p}")
+    return p
+
+
+# ---- what must match ---------------------------------------------------------------------
+
+def _flat(config):
+    return {f"{s}.{k}": v for s in IDENTITY_SECTIONS for k, v in config.get(s, {}).items()}
+
+
+def check_compatible(saved_config, config, path):
+    """Refuse a checkpoint of another recipe, model, task or DNI setting.
+
+    Args:
+        saved_config: the checkpoint's `config` (a plain dict).
+        config: this run's `Config.to_dict()`.
+        path: the checkpoint (for the message).
+    Raises:
+        CheckpointError naming the first differing key.
+    """
+    if saved_config.get("recipe") != config.get("recipe"):
+        raise CheckpointError(f"checkpoint {path} is from recipe {saved_config.get('recipe')!r}, "
+                              f"not {config.get('recipe')!r}; use another --out")
+    old, new = _flat(saved_config), _flat(config)
+    diffs = [k for k in sorted(set(old) | set(new))
+             if k not in IDENTITY_EXEMPT and old.get(k) != new.get(k)]
+    if diffs:
+        k = diffs[0]
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise CheckpointError(f"checkpoint {path} was trained with {k}={old.get(k)!r}, this "
+                              f"config has {new.get(k)!r}{more}; refusing to mix them "
+                              "(use another --out)")
+
+
+def check_vocab(saved_vocab, vocab, path):
+    """Refuse a checkpoint whose vocabulary differs from the corpus's."""
+    if saved_vocab is None and vocab is None:
+        return
+    if saved_vocab is None or vocab is None:
+        raise CheckpointError(f"checkpoint {path}: vocabulary present on one side only")
+    from corpora import CorpusError, Vocabulary
+
+    try:
+        vocab.check_same(Vocabulary.from_state_dict(saved_vocab), what="checkpoint")
+    except CorpusError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+
+
+# ---- random number generators -------------------------------------------------------------
+
+def rng_state():
+    """Every global generator's state, as tensors and plain lists."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "python": [version, list(internal), gauss],
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:  # pragma: no cover
+        state["numpy"] = None
+    return state
+
+
+def set_rng_state(state):
+    """Restore `rng_state()`."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("numpy") is not None:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,237 @@
+"""Truncation sweeps: plain TBPTT against DNI over truncation lengths, on one budget.
+
+    for method in methods, T in truncations, seed in seeds:
+        train(recipe with dni.method=method, train.truncation=T, train.seed=seed,
+              train.max_tokens=budget)        -> OUT/<method>-T<T>-s<seed>/
+    -> OUT/results.md, OUT/results.csv        one row per (method, T), seeds averaged
+    -> OUT/valid_vs_tokens.png, OUT/valid_vs_updates.png
+                                              one line per (method, T)
+
+Every run sees the same number of training tokens (so T=2 makes 17x the updates of
+T=35) and validates every budget / `points` tokens, so the curves share their x grid.
+A finished run (summary.json present) is reused, so an interrupted sweep can be rerun.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+from .config import ConfigError, METHODS, validate
+from .training import train
+
+
+def parse_list(text, kind, name):
+    """"2,3,5" -> [2, 3, 5]; one-line ConfigError on bad items."""
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"{name}: give a comma-separated list")
+    try:
+        return [kind(s) for s in items]
+    except ValueError:
+        raise ConfigError(f"{name}: expected a comma-separated list of {kind.__name__}, "
+                          f"got {text!r}") from None
+
+
+def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=None, points=10,
+          say=print):
+    """Run every (method, T, seed) and write the tables and plots.
+
+    Args:
+        cfg: the recipe's Config (its own method, truncation and seed are replaced).
+        truncations, methods, seeds: the grid.
+        budget_tokens: training tokens per run (0: the recipe's own budget).
+        out_dir: where runs, tables and plots go.
+        data_dir: the corpus directory (--data-dir).
+        points: validations per run (evenly spaced in tokens).
+        say: where progress lines go.
+    Returns:
+        list of result rows (dicts), one per (method, T).
+    """
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+    for T in truncations:
+        if T < 1:
+            raise ConfigError(f"--truncations: lengths must be >= 1, got {T}")
+    budget = budget_tokens or cfg.train.max_tokens
+    if not budget:
+        raise ConfigError("compare needs a token budget: --budget-tokens N (or train.max_tokens "
+                          "in the recipe)")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output directory {out} is not writable ({e.strerror or e})") from None
+    runs = []
+    total = len(methods) * len(truncations) * len(seeds)
+    for method in methods:
+        for T in truncations:
+            for seed in seeds:
+                c = copy.deepcopy(cfg)
+                c.dni.method, c.train.truncation, c.train.seed = method, T, seed
+                c.train.max_tokens = budget
+                c.train.max_steps = 0
+                c.train.epochs = max(c.train.epochs, 10**6)  # the budget decides
+                c.train.eval_interval = 0
+                c.train.eval_tokens = max(budget // points, 1)
+                c.train.out_dir = ""
+                validate(c)
+                run_dir = out / f"{method}-T{T}-s{seed}"
+                k = len(runs) + 1
+                summary = _finished(run_dir, c)
+                if summary is None:
+                    say(f"[{k}/{total}] {method} T={T} seed={seed} -> {run_dir}")
+                    summary = train(c, out_dir=run_dir, resume=(run_dir / "last.pt").is_file(),
+                                    data_dir=data_dir, quiet=True)
+                else:
+                    say(f"[{k}/{total}] {method} T={T} seed={seed}: done before, reused")
+                runs.append({"method": method, "T": T, "seed": seed, "summary": summary,
+                             "curve": _curve(run_dir)})
+    rows = _rows(runs, methods, truncations)
+    metric = runs[0]["summary"]["metric"]
+    write_tables(rows, metric, out, budget, seeds)
+    plotted = plot(runs, metric, out)
+    say(f"wrote {out / 'results.md'} and {out / 'results.csv'}"
+        + (f"; plots {', '.join(str(p) for p in plotted)}" if plotted else
+           "; no plots (pip install matplotlib)"))
+    return rows
+
+
+def _finished(run_dir, cfg):
+    path = run_dir / "summary.json"
+    if not path.is_file() or not (run_dir / "config.json").is_file():
+        return None
+    if json.loads((run_dir / "config.json").read_text()) != cfg.to_dict():
+        raise ConfigError(f"{run_dir} holds a run of another configuration; use another --out")
+    return json.loads(path.read_text())
+
+
+def _curve(run_dir):
+    """[(tokens, updates, value)] of the run's validations; value: ppl / bpc / length."""
+    points = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "eval" and rec.get("split") == "valid":
+            metric = next(k for k in ("ppl", "bpc", "length") if k in rec)
+            points.append((rec["tokens"], rec["updates"], rec[metric]))
+    return points
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _rows(runs, methods, truncations):
+    rows = []
+    for method in methods:
+        for T in truncations:
+            group = [r for r in runs if r["method"] == method and r["T"] == T]
+            s = [r["summary"] for r in group]
+            m = s[0]["metric"]
+            row = {"method": method, "T": T, "seeds": len(group),
+                   "updates": s[0]["steps"], "tokens": s[0]["tokens"]}
+            if m == "length":
+                row["best"], row["best_std"] = _mean_std([x["best_length"] for x in s])
+                row["final"], row["final_std"] = row["best"], row["best_std"]
+            else:
+                row["final"], row["final_std"] = _mean_std([r["curve"][-1][2] for r in group])
+                row["best"], row["best_std"] = _mean_std([x[f"best_valid_{m}"] for x in s])
+                row["test"], row["test_std"] = _mean_std([x.get(f"test_{m}") for x in s])
+            row["tokens_per_s"], _ = _mean_std([x["tokens_per_s"] for x in s])
+            rows.append(row)
+    return rows
+
+
+def _fmt(v, sd, metric):
+    if v is None or math.isnan(v):
+        return "-"
+    digits = 3 if metric == "bpc" else (1 if metric == "length" else 2)
+    text = f"{v:.{digits}f}"
+    return text + (f" ± {sd:.{digits}f}" if sd else "")
+
+
+def write_tables(rows, metric, out, budget, seeds):
+    """results.md (Markdown) and results.csv (one row per method and T)."""
+    higher = metric == "length"
+    what = {"ppl": "perplexity", "bpc": "bits per character",
+            "length": "longest copy length solved"}[metric]
+    head = ["method", "T", "seeds", "updates", "tokens"]
+    if higher:
+        head += ["longest solved"]
+    else:
+        head += [f"final valid {metric}", f"best valid {metric}", f"test {metric}"]
+    head += ["tokens/s"]
+    lines = [f"# Truncation sweep: {what} ({'higher' if higher else 'lower'} is better)", "",
+             f"Budget {budget:,} training tokens per run; seeds {', '.join(map(str, seeds))} "
+             "(mean ± standard deviation).", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["method"], str(r["T"]), str(r["seeds"]), f"{r['updates']:,}", f"{r['tokens']:,}"]
+        if higher:
+            cells += [_fmt(r["best"], r["best_std"], metric)]
+        else:
+            cells += [_fmt(r["final"], r["final_std"], metric), _fmt(r["best"], r["best_std"], metric),
+                      _fmt(r.get("test"), r.get("test_std"), metric)]
+        cells += [f"{r['tokens_per_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    keys = ["method", "T", "seeds", "updates", "tokens", "final", "final_std", "best", "best_std",
+            "test", "test_std", "tokens_per_s"]
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["metric"] + keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({"metric": metric, **{k: r.get(k, "") for k in keys}})
+
+
+def plot(runs, metric, out):
+    """Validation metric against tokens seen and against updates, one line per (method, T).
+
+    Seeds are averaged point by point. Returns the written paths ([] without matplotlib).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    label = {"ppl": "validation perplexity", "bpc": "validation bits per character",
+             "length": "longest copy length solved"}[metric]
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["T"]), []).append(r["curve"])
+    methods = list(dict.fromkeys(k[0] for k in groups))
+    styles = ["-", "--", ":", "-."]
+    cmap = plt.get_cmap("viridis")
+    ts = sorted({k[1] for k in groups})
+    paths = []
+    for x_index, x_label, name in ((0, "training tokens", "valid_vs_tokens.png"),
+                                   (1, "optimizer updates", "valid_vs_updates.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (method, T), curves in groups.items():
+            n = min(len(c) for c in curves)
+            if n == 0:
+                continue
+            xs = [curves[0][i][x_index] for i in range(n)]
+            ys = [statistics.fmean(c[i][2] for c in curves) for i in range(n)]
+            color = cmap(ts.index(T) / max(len(ts) - 1, 1))
+            ax.plot(xs, ys, styles[methods.index(method) % len(styles)], color=color, marker=".",
+                    label=f"{method} T={T}")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(label)
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths

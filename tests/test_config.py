@@ -1,0 +1,141 @@
+"""Config: defaults, recipes, --set parsing and one-line errors."""
+import dataclasses
+
+import pytest
+
+from dni_rnn import config as C
+
+
+def test_every_shipped_recipe_loads_and_validates():
+    known = C.shipped_recipes()
+    for name in ("ptb-word-small", "ptb-word-medium", "ptb-char", "copy", "repeat-copy", "demo"):
+        assert name in known
+        assert f"{name}-smoke" in known or name == "demo"
+    for name, path in known.items():
+        cfg = C.load_recipe(name)
+        assert cfg.recipe == name
+        assert cfg.description and "\n" not in cfg.description
+        assert C.describe_recipe(path) == cfg.description
+
+
+def test_recipe_values_override_defaults():
+    cfg = C.load_recipe("ptb-word-medium")
+    assert (cfg.model.hidden_dim, cfg.model.num_layers, cfg.model.dropout) == (650, 2, 0.5)
+    assert cfg.data.batch_size == 20 and cfg.train.truncation == 35   # from ptb-word-small
+    small = C.load_recipe("ptb-word-small")
+    assert (small.optim.name, small.optim.lr, small.optim.clip) == ("adam", 1e-3, 0.25)
+    assert (small.dni.sg_scale, small.dni.bootstrap, small.dni.target_scale) == (0.1, None, "raw")
+    assert C.load_recipe("ptb-char").metric_name == "bpc"
+    assert C.load_recipe("copy").metric_name == "length"
+
+
+def test_bptt_and_dni_are_one_set_apart():
+    dni = C.load_recipe("ptb-word-small")
+    bptt = C.load_recipe("ptb-word-small", ["dni.method=bptt"])
+    assert dni.dni.method == "dni" and bptt.dni.method == "bptt"
+    a, b = dni.to_dict(), bptt.to_dict()
+    a["dni"].pop("method"), b["dni"].pop("method")
+    assert a == b
+
+
+@pytest.mark.parametrize("item, section, key, value", [
+    ("train.truncation=5", "train", "truncation", 5),
+    ("train.max_tokens=1_000_000", "train", "max_tokens", 1000000),
+    ("optim.lr=3e-4", "optim", "lr", 3e-4),
+    ("optim.lr=1", "optim", "lr", 1.0),
+    ("model.tie_weights=true", "model", "tie_weights", True),
+    ("train.progress=no", "train", "progress", False),
+    ("dni.bootstrap=0.5", "dni", "bootstrap", 0.5),
+    ("dni.bootstrap=none", "dni", "bootstrap", None),
+    ("dni.target_scale=sum", "dni", "target_scale", "sum"),
+    ("data.data_dir=/x=y", "data", "data_dir", "/x=y"),
+])
+def test_set_parses_by_field_type(item, section, key, value):
+    cfg = C.apply_overrides(C.Config(), [item])
+    got = getattr(getattr(cfg, section), key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("item, words", [
+    ("model.hiden_dim=3", ["model.hiden_dim", "hidden_dim", "num_layers"]),
+    ("modle.hidden_dim=3", ["modle", "data", "train"]),
+    ("truncation=3", ["section.key"]),
+    ("train.truncation", ["section.key=value"]),
+    ("train.truncation=3.5", ["train.truncation", "int"]),
+    ("train.truncation=abc", ["train.truncation", "int"]),
+    ("optim.lr=fast", ["optim.lr", "float"]),
+    ("model.tie_weights=maybe", ["model.tie_weights", "bool"]),
+    ("dni.method=magic", ["dni.method", "bptt", "dni-aux"]),
+])
+def test_bad_overrides_fail_in_one_line_naming_the_key(item, words):
+    with pytest.raises(C.ConfigError) as e:
+        C.apply_overrides(C.Config(), [item])
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_validate_catches_cross_field_errors():
+    for item in ("dni.bootstrap=2", "train.truncation=0", "model.dropout=1.5",
+                 "dni.target_scale=huge", "train.device=tpu"):
+        with pytest.raises(C.ConfigError):
+            C.validate(C.apply_overrides(C.Config(), [item]))
+
+
+def test_recipe_files_are_checked(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nhidden = 3\n')
+    with pytest.raises(C.ConfigError, match="model.hidden.*hidden_dim"):
+        C.load_recipe(bad)
+    bad.write_text('[model]\nhidden_dim = "big"\n')
+    with pytest.raises(C.ConfigError, match="model.hidden_dim: expected int"):
+        C.load_recipe(bad)
+    bad.write_text('[modell]\nhidden_dim = 3\n')
+    with pytest.raises(C.ConfigError, match="unknown section"):
+        C.load_recipe(bad)
+    bad.write_text('hidden_dim = 3\n')
+    with pytest.raises(C.ConfigError, match="top-level key"):
+        C.load_recipe(bad)
+    bad.write_text('[model\n')
+    with pytest.raises(C.ConfigError, match="not valid TOML"):
+        C.load_recipe(bad)
+    loop = tmp_path / "loop.toml"
+    loop.write_text(f'extends = "{loop}"\n')
+    with pytest.raises(C.ConfigError, match="loop"):
+        C.load_recipe(loop)
+    with pytest.raises(C.ConfigError, match="unknown recipe 'nope'.*ptb-word-small"):
+        C.load_recipe("nope")
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load_recipe(tmp_path / "missing.toml")
+
+
+def test_user_recipe_can_extend_a_shipped_one(tmp_path):
+    mine = tmp_path / "mine.toml"
+    mine.write_text('description = "mine"\nextends = "ptb-word-small"\n[train]\ntruncation = 5\n')
+    cfg = C.load_recipe(mine, ["optim.lr=0.002"])
+    assert cfg.recipe == "mine" and cfg.train.truncation == 5 and cfg.optim.lr == 0.002
+    assert cfg.model.hidden_dim == 200
+
+
+def test_resolved_config_round_trips_through_toml_and_json(tmp_path):
+    cfg = C.load_recipe("ptb-char", ["dni.bootstrap=0.3", "train.seed=7"])
+    cfg.save(tmp_path)
+    again = C.load_recipe(tmp_path / "config.toml")
+    a, b = cfg.to_dict(), again.to_dict()
+    a.pop("recipe"), b.pop("recipe")
+    assert a == b
+    none_again = C.load_recipe("ptb-char")
+    none_again.save(tmp_path)
+    assert C.load_recipe(tmp_path / "config.toml").dni.bootstrap is None
+    import json
+    assert C.Config.from_dict(json.loads((tmp_path / "config.json").read_text())).to_dict() \
+        == none_again.to_dict()
+
+
+def test_config_keys_cover_every_field():
+    keys = {row[0] for row in C.config_keys()}
+    for name, cls in C.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"{name}.{f.name}" in keys
+            assert f.metadata.get("help")

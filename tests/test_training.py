@@ -1,0 +1,138 @@
+"""The training loop in-process: bit-exact resume, evaluation, plateau decay, compare."""
+import json
+import math
+
+import pytest
+import torch
+
+from dni_rnn import checkpoint as ckpt
+from dni_rnn.compare import sweep
+from dni_rnn.config import load_recipe
+from dni_rnn.tbptt import TBPTTRunner
+from dni_rnn.training import evaluate_checkpoint, train
+
+# a tiny word LM that still exercises everything a resume must restore: dropout (torch
+# RNG), random chunk lengths (the schedule's generator), DNI (synthesizer + its own
+# optimizer), an epoch boundary (100 steps per stream, ~12 chunks) and the carried state
+TINY_LM = ["model.embed_dim=16", "model.hidden_dim=16", "model.dropout=0.2",
+           "train.random_truncation=true", "train.truncation=8", "dni.synth_lr=1e-3",
+           "data.train_tokens=2000", "data.valid_tokens=600", "data.test_tokens=600",
+           "train.epochs=5", "train.max_steps=16", "train.eval_interval=5",
+           "train.log_interval=1", "train.progress=false"]
+TINY_COPY = ["model.hidden_dim=16", "data.batch_size=4", "task.eval_sequences=8",
+             "train.truncation=3", "train.max_steps=16", "train.eval_interval=5",
+             "train.log_interval=1", "train.progress=false", "task.threshold=100"]
+
+
+def _records(run_dir, kind="train"):
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == kind:
+            r.pop("tokens_per_s", None)
+            out.append(r)
+    return out
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _kill_at(monkeypatch, step):
+    """Make the runner raise KeyboardInterrupt before its `step`-th chunk (a kill)."""
+    original = TBPTTRunner.train_chunk
+
+    def chunk(self, *a, **k):
+        if self.step + 1 == step:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(TBPTTRunner, "train_chunk", chunk)
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("ptb-word-small-smoke", TINY_LM),
+    ("copy-smoke", TINY_COPY),
+    ("repeat-copy-smoke", TINY_COPY),
+])
+def test_resume_after_a_kill_is_bit_exact(recipe, overrides, ptb_dir, tmp_path, monkeypatch):
+    data = str(ptb_dir.parent)
+    whole = train(load_recipe(recipe, overrides), out_dir=tmp_path / "whole", data_dir=data,
+                  quiet=True)
+    _kill_at(monkeypatch, 13)  # killed after the checkpoint of step 10
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe(recipe, overrides), out_dir=tmp_path / "cut", data_dir=data, quiet=True)
+    monkeypatch.undo()
+    assert ckpt.load(tmp_path / "cut" / "last.pt")["progress"]["step"] == 10
+    again = train(load_recipe(recipe, overrides), out_dir=tmp_path / "cut", resume=True,
+                  data_dir=data, quiet=True)
+    a, b = _records(tmp_path / "whole"), _records(tmp_path / "cut")
+    assert [r["step"] for r in a] == list(range(1, 17)) == [r["step"] for r in b]
+    assert a == b  # losses, synthesizer loss, cosine, norms: equal to the last bit
+    assert _records(tmp_path / "whole", "eval") == _records(tmp_path / "cut", "eval")
+    for key in ("best_step", "steps", "tokens"):
+        assert whole[key] == again[key]
+    if recipe.startswith("ptb"):
+        assert whole["test_ppl"] == again["test_ppl"]
+        assert a[-1]["epoch"] >= 1  # the run crossed an epoch boundary
+
+
+def test_resume_refuses_another_model(ptb_dir, tmp_path):
+    data = str(ptb_dir.parent)
+    overrides = TINY_LM + ["train.max_steps=5"]
+    train(load_recipe("ptb-word-small-smoke", overrides), out_dir=tmp_path, data_dir=data,
+          quiet=True)
+    with pytest.raises(ckpt.CheckpointError, match="model.hidden_dim=16"):
+        train(load_recipe("ptb-word-small-smoke", overrides + ["model.hidden_dim=24"]),
+              out_dir=tmp_path, resume=True, data_dir=data, quiet=True)
+    from dni_rnn.config import ConfigError
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(load_recipe("ptb-word-small-smoke", overrides), out_dir=tmp_path, data_dir=data,
+              quiet=True)
+
+
+def test_summary_evaluate_and_plateau(ptb_dir, tmp_path):
+    data = str(ptb_dir.parent)
+    # lr so large that validation gets worse: the plateau rule must halve it, early stop
+    cfg = load_recipe("ptb-word-small-smoke", TINY_LM + [
+        "optim.lr=0.5", "optim.plateau_factor=0.5", "train.early_stop=2", "train.max_steps=40",
+        "train.eval_interval=2", "train.random_truncation=false"])
+    s = train(cfg, out_dir=tmp_path, data_dir=data, quiet=True)
+    evals = _records(tmp_path, "eval")
+    valid = [r for r in evals if r["split"] == "valid"]
+    assert s["stopped_early"] and s["steps"] < 40
+    assert any(b["lr"] < a["lr"] for a, b in zip(valid, valid[1:]))
+    best = min(valid, key=lambda r: r["loss"])
+    assert s["best_valid_loss"] == best["loss"] and s["best_step"] == best["step"]
+    assert s["best_valid_ppl"] == pytest.approx(math.exp(best["loss"]))
+    test = [r for r in evals if r["split"] == "test"][0]
+    r = evaluate_checkpoint(tmp_path, split="test", data_dir=data)
+    assert r["loss"] == pytest.approx(test["loss"], rel=1e-6) == pytest.approx(s["test_loss"])
+    r = evaluate_checkpoint(tmp_path / "best.pt", split="valid", data_dir=data)
+    assert r["loss"] == pytest.approx(best["loss"], rel=1e-6)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved == cfg.to_dict()
+    blob = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert blob["vocab"]["tokens"][0] == "<eos>" and blob["synthesizer"] is not None
+
+
+def test_compare_writes_table_csv_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = load_recipe("copy-smoke", TINY_COPY)
+    lines = []
+    rows = sweep(cfg, [2, 3], ["bptt", "dni"], [1, 2], 240, tmp_path, points=3, say=lines.append)
+    assert [(r["method"], r["T"]) for r in rows] == [("bptt", 2), ("bptt", 3), ("dni", 2), ("dni", 3)]
+    assert all(r["seeds"] == 2 and r["tokens"] >= 240 for r in rows)
+    # same tokens, so shorter chunks make more updates (chunks also end at episode ends)
+    assert rows[0]["updates"] == 240 // (2 * 4) and rows[1]["updates"] < rows[0]["updates"]
+    assert rows[0]["tokens"] == rows[2]["tokens"] and rows[1]["tokens"] == rows[3]["tokens"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| dni | 3 | 2 |" in md and "longest solved" in md
+    csv = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv) == 5 and csv[0].startswith("metric,method,T")
+    for name in ("valid_vs_tokens.png", "valid_vs_updates.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert len(list(tmp_path.glob("*-T*-s*/summary.json"))) == 8
+    lines.clear()
+    sweep(cfg, [2], ["dni"], [1], 240, tmp_path, points=3, say=lines.append)  # reused
+    assert "reused" in lines[0]
