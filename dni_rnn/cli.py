@@ -167,11 +167,13 @@ def run_demo(cfg, args):
 
     out = Path(args.out or "runs/demo")
     T = cfg.train.truncation
-    print(f"demo: the copy task (Graves et al. 2014) with truncation T={T}: the network reads "
-          f"N random {cfg.task.bits}-bit patterns and writes them back after a delimiter, so "
-          f"every answer lies N+1 steps after its pattern; with N+1 >= T plain TBPTT gets no "
-          "gradient across the gap, DNI gets a synthetic one. The curriculum lengthens N "
-          f"each time it is solved ({cfg.train.max_steps} updates each).", flush=True)
+    N = cfg.task.start_length
+    print(f"demo: the copy task (Graves et al. 2014), {cfg.task.bits}-bit patterns, truncation "
+          f"T={T}. An episode shows N patterns and a delimiter, then asks for the patterns "
+          f"back: each answer comes N+1 steps after its pattern, so from N+1 >= T on plain "
+          f"TBPTT gets no gradient for storing it, while DNI's synthesizer predicts one. The "
+          f"curriculum starts at N={N} and grows N once it is solved (< {cfg.task.threshold} "
+          f"wrong bits per sequence); {cfg.train.max_steps} updates per method.", flush=True)
     results = {}
     for method in ("bptt", "dni"):
         c = copy.deepcopy(cfg)

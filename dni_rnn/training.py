@@ -265,12 +265,15 @@ def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
     """
     t = cfg.train
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     if t.threads:
         torch.set_num_threads(t.threads)
     try:
         return _train(cfg, out_dir, resume, data_dir, quiet)
-    finally:
+    finally:  # leave the process as we found it (train() also runs inside tests, sweeps)
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _train(cfg, out_dir, resume, data_dir, quiet):
