@@ -68,6 +68,30 @@ def save(obj, path):
         pass
 
 
+def link(src, dst):
+    """Make `dst` the same file as the checkpoint `src`, atomically (a hard link; a copy
+    where the file system has none). best.pt and last.pt of one step share their bytes."""
+    src, dst = Path(src), Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def load(path, map_location="cpu"):
     """Read a checkpoint with `weights_only=True`.
 

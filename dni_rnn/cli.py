@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def main(argv=None):
     except errors as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dni-rnn recipes | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except PermissionError as e:
         print(f"{PROG}: error: permission denied: {e.filename or e}", file=sys.stderr)
         return 2

@@ -209,7 +209,7 @@ def plot(runs, metric, out):
         groups.setdefault((r["method"], r["T"]), []).append(r["curve"])
     methods = list(dict.fromkeys(k[0] for k in groups))
     styles = ["-", "--", ":", "-."]
-    cmap = plt.get_cmap("viridis")
+    cmap = plt.get_cmap("tab10")
     ts = sorted({k[1] for k in groups})
     paths = []
     for x_index, x_label, name in ((0, "training tokens", "valid_vs_tokens.png"),
@@ -221,7 +221,7 @@ def plot(runs, metric, out):
                 continue
             xs = [curves[0][i][x_index] for i in range(n)]
             ys = [statistics.fmean(c[i][2] for c in curves) for i in range(n)]
-            color = cmap(ts.index(T) / max(len(ts) - 1, 1))
+            color = cmap(ts.index(T) % 10)  # one colour per T, one line style per method
             ax.plot(xs, ys, styles[methods.index(method) % len(styles)], color=color, marker=".",
                     label=f"{method} T={T}")
         ax.set_xlabel(x_label)

@@ -257,7 +257,8 @@ def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
         out_dir: the run directory (default: cfg.train.out_dir or runs/<run name>).
         resume: continue from RUN_DIR/last.pt, bit-exactly on CPU.
         data_dir: overrides cfg.data.data_dir (the CLI's --data-dir).
-        quiet: no progress bar and no log lines (compare runs); the JSONL is still written.
+        quiet: no log lines (compare runs; the JSONL is still written); the progress bar
+            follows cfg.train.progress.
     Returns:
         dict: steps, tokens, best and final validation metric, test metric, run_dir, ...
     Raises:
@@ -342,9 +343,11 @@ def _train(cfg, out_dir, resume, data_dir, quiet):
                "lr": optimizer.param_groups[0]["lr"], **result}
         best_metric = progress.best if task.synthetic else task.metric_of(progress.best)
         log.eval(rec, best_metric)
-        save("last.pt")
-        if better:
+        if better:  # one write: last.pt is a hard link to the same bytes
             save("best.pt")
+            ckpt.link(run_dir / "best.pt", run_dir / "last.pt")
+        else:
+            save("last.pt")
 
     def finished():
         return ((t.max_steps and progress.step >= t.max_steps)
@@ -353,7 +356,7 @@ def _train(cfg, out_dir, resume, data_dir, quiet):
                 or progress.stopped_early or (task.synthetic and task.done))
 
     total = _estimate_steps(cfg, task)
-    bar = _progress_bar(t.progress and not quiet, total, progress.step)
+    bar = _progress_bar(t.progress, total, progress.step)
     meter = Meter()
     started = time.perf_counter() - progress.elapsed
 

@@ -102,3 +102,13 @@ def test_other_model_recipe_or_vocabulary_is_refused():
     ckpt.check_vocab(v.state_dict(), v, "x.pt")
     with pytest.raises(ckpt.CheckpointError, match="vocabulary mismatch"):
         ckpt.check_vocab(Vocabulary(["<eos>", "b", "a"]).state_dict(), v, "x.pt")
+
+
+def test_link_makes_last_the_same_checkpoint_until_replaced(tmp_path):
+    ckpt.save(_obj(step=1), tmp_path / "best.pt")
+    ckpt.link(tmp_path / "best.pt", tmp_path / "last.pt")
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 1
+    ckpt.save(_obj(step=2), tmp_path / "last.pt")  # a later, worse step replaces last only
+    assert ckpt.load(tmp_path / "best.pt")["step"] == 1
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

@@ -81,7 +81,8 @@ def test_smoke_recipe_trains_end_to_end(recipe, tmp_path, cache):
         assert "longest length solved" in p.stdout
 
 
-def test_bptt_is_one_set_away_then_evaluate(tmp_path, capsys):
+def test_bptt_is_one_set_away_then_evaluate(tmp_path, capsys, cache, monkeypatch):
+    monkeypatch.setenv("DNI_RNN_CACHE_DIR", str(cache))
     run = tmp_path / "run"
     assert main(["train", "ptb-word-small-smoke", "--set", "dni.method=bptt", "--set",
                  "train.max_steps=2", "--set", "train.eval_interval=2", "--out", str(run),
