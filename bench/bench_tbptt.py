@@ -9,7 +9,8 @@ A PTB-sized word LM (vocab 10k, batch 20, 2-layer LSTM, random token ids) is tra
   dni-free  TBPTTRunner with DNI, lambda = beta = 0.1 (one backward pass)
   dni-l1    DNI with beta = 0.1, lambda = 1   (second VJP through the core)
   dni-l05   DNI with beta = 0.1, lambda = 0.5 (second VJP through the core)
-Variants are interleaved round by round; each cell is the median tokens/s over rounds.
+Variants are interleaved round by round, in a rotated order each round (so none always runs
+first); each cell is the median tokens/s over rounds, with the spread (min-max) printed.
 """
 import argparse
 import statistics
@@ -114,14 +115,14 @@ def main(argv=None):
             probe = measure(table["loop"], hidden, T, 4 * T, device)
             steps = max(2 * T, int(probe * args.seconds / BATCH) // T * T)
             results = {n: [] for n in names}
-            for _ in range(args.rounds):
-                for n in names:
+            for r in range(args.rounds):
+                for n in names[r % len(names):] + names[:r % len(names)]:
                     results[n].append(measure(table[n], hidden, T, steps, device))
             med = {n: statistics.median(v) for n, v in results.items()}
             base = med.get("loop")
             cells = "  ".join(
-                f"{n} {med[n]:8.0f} tok/s" + (f" ({med[n] / base:.2f}x)" if base else "")
-                for n in names)
+                f"{n} {med[n]:6.0f} [{min(results[n]):.0f}-{max(results[n]):.0f}]"
+                + (f" ({med[n] / base:.2f}x)" if base else "") for n in names)
             print(f"2x{hidden:<4} T={T:<3} {cells}", flush=True)
             rows.append((hidden, T, med))
     print("\n| model | T | " + " | ".join(names) + " |")
