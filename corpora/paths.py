@@ -77,15 +77,22 @@ def missing_files(root: Path, names: Sequence[str], subdir: str) -> list[str]:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write a file so that readers see either the old file or the complete new one.
 
+    The temporary file is fsync'ed before the rename, so a crash right after leaves the
+    complete new file, not an empty one.
+
     Args:
         path: the destination.
-        write: called with a temporary path in the same folder; it must create that file.
+        write: called with a temporary path in the same folder; it must create that file
+            (it is removed first, so a hard link may be made there).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.unlink(tmp)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -21,11 +21,13 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import shutil
 import zipfile
 from pathlib import Path
 
 import torch
+
+from corpora.paths import atomic_write
 
 FORMAT = "dni_rnn-checkpoint"
 VERSION = 1
@@ -45,51 +47,40 @@ class CheckpointError(RuntimeError):
 def save(obj, path):
     """Write `obj` (a plain dict) to `path` atomically: temp file + fsync + os.replace."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+
+    atomic_write(path, write)
+    _fsync_dir(path.parent)
 
 
 def link(src, dst):
     """Make `dst` the same file as the checkpoint `src`, atomically (a hard link; a copy
     where the file system has none). best.pt and last.pt of one step share their bytes."""
     src, dst = Path(src), Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
+
+    def make(tmp):
         try:
             os.link(src, tmp)
         except OSError:
-            import shutil
             shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
+
+    atomic_write(dst, make)
+    _fsync_dir(dst.parent)
+
+
+def _fsync_dir(folder):
+    """Make a rename in `folder` itself durable (where the platform allows it)."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
 
 
 def load(path, map_location="cpu"):
