@@ -21,7 +21,7 @@ from .cache import cache_key
 from .checksums import file_md5
 from .corpus import Corpus, Source, build_corpus, cached_build
 from .errors import CorpusError
-from .paths import DATA_DIR_ENV, cache_root, env_data_dir
+from .paths import DATA_DIR_ENV, cache_root, env_data_dir, existing_dir
 from .tokenizers import make_tokenizer
 from .vocab import EOS, UNK
 
@@ -221,9 +221,7 @@ def load_wikitext(version: str = "2", raw: bool = False, *,
         raise CorpusError(f"unknown WikiText version {version!r}; choose '2' or '103'")
     folder = f"wikitext-{version}" + ("-raw" if raw else "")
     if data_dir is not None:
-        root = Path(data_dir).expanduser()
-        if not root.is_dir():
-            raise CorpusError(f"data directory not found: {root}")
+        root = existing_dir(data_dir)
         files = _find_wikitext(root, folder, raw)
         if files is None:
             want = ", ".join(_WIKITEXT_NAMES[raw][0])

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .errors import CorpusError
+
 DATA_DIR_ENV = "DNI_RNN_DATA_DIR"
 CACHE_DIR_ENV = "DNI_RNN_CACHE_DIR"
 
@@ -72,6 +74,14 @@ def missing_files(root: Path, names: Sequence[str], subdir: str) -> list[str]:
         if best is None or len(missing) < len(best):
             best = missing
     return best or []
+
+
+def existing_dir(data_dir) -> Path:
+    """`data_dir` as a Path; a one-line CorpusError if it is not a directory."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise CorpusError(f"data directory not found: {root}")
+    return root
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -22,7 +22,8 @@ from .checksums import file_md5, verify_md5
 from .corpus import Corpus, Source, build_corpus, cached_build
 from .download import fetch_all
 from .errors import CorpusError
-from .paths import DATA_DIR_ENV, cache_root, env_data_dir, find_files, missing_files
+from .paths import (DATA_DIR_ENV, cache_root, env_data_dir, existing_dir, find_files,
+                    missing_files)
 from .textio import read_text, split_lines
 from .tokenizers import SymbolTokenizer, WordTokenizer
 
@@ -76,9 +77,7 @@ def locate_ptb(level: str = "word", data_dir: str | os.PathLike | None = None,
     names = _check_level(level)
     what = f"Penn Treebank ({level}) files"
     if data_dir is not None:
-        root = Path(data_dir).expanduser()
-        if not root.is_dir():
-            raise CorpusError(f"data directory not found: {root}")
+        root = existing_dir(data_dir)
         found = find_files(root, names, SUBDIR)
         if found is None:
             raise CorpusError(

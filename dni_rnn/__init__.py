@@ -19,3 +19,12 @@ from .truncation import FixedTruncation, RandomTruncation
 from .wrapper import DNI
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "nest", "BackwardInterface", "ForwardInterface", "BidirectionalInterface", "TriggerStats",
+    "BasicSynthesizer", "StateSynthesizer", "state_dim", "synthesizer_context",
+    "current_context", "DeferredBackward", "defer_backward", "backward",
+    "TBPTTRunner", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
+    "RandomTruncation", "RNNLanguageModel", "SequenceModel", "CellLoop",
+    "LayerNormLSTMCell", "MinimalGRUCell", "DNI",
+]

@@ -1,5 +1,4 @@
 """Checkpoints: atomic writes, weights_only loading, one-line errors, identity checks."""
-import os
 import random
 
 import numpy as np

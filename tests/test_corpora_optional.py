@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import corpora
 from corpora import CorpusError, load_hf, load_text_files, load_wikitext
 
 
