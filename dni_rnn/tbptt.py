@@ -19,6 +19,7 @@ import torch
 
 from . import deferred, nest
 from .interfaces import BackwardInterface
+from .synthesizers import current_context
 from .truncation import as_schedule
 
 
@@ -222,7 +223,6 @@ class TBPTTRunner:
         the synthetic gradient at the chunk's end. The gradient of this regression reaches
         the model (and the aux head), so the core is pushed to carry what the future
         gradient depends on (Jaderberg et al. 2016, Sec. 3.2, "DNI + Aux")."""
-        from .synthesizers import current_context
         prediction = self.aux_head(state_after_first_step, current_context())
         preds = nest.check_same_structure(state_after_first_step, prediction, "aux head message")
         targets = nest.flatten(g_hat)
