@@ -67,12 +67,18 @@ class CellLoop(nn.Module):
         return tuple(states)
 
 
-def fused_init_state(rnn, batch_size):
-    """Zero state of an nn.LSTM / nn.GRU / nn.RNN: `(layers * dirs, B, H)`, `(h, c)` for an LSTM."""
-    p = next(rnn.parameters())
-    dirs = 2 if rnn.bidirectional else 1
-    h = p.new_zeros(rnn.num_layers * dirs, batch_size, rnn.hidden_size)
-    return (h, h.clone()) if isinstance(rnn, nn.LSTM) else h
+def core_init_state(core, batch_size):
+    """Zero state of a recurrent core for `batch_size` streams.
+
+    An nn.LSTM / nn.GRU / nn.RNN gets `(layers * dirs, B, H)` zeros (`(h, c)` for an LSTM);
+    any other core is asked through its own `init_state(batch_size)`.
+    """
+    if not isinstance(core, nn.RNNBase):
+        return core.init_state(batch_size)
+    p = next(core.parameters())
+    dirs = 2 if core.bidirectional else 1
+    h = p.new_zeros(core.num_layers * dirs, batch_size, core.hidden_size)
+    return (h, h.clone()) if isinstance(core, nn.LSTM) else h
 
 
 class RNNLanguageModel(nn.Module):
@@ -119,9 +125,7 @@ class RNNLanguageModel(nn.Module):
         return self.decoder(self.drop(y)), state
 
     def init_state(self, batch_size):
-        if isinstance(self.core, nn.RNNBase):
-            return fused_init_state(self.core, batch_size)
-        return self.core.init_state(batch_size)
+        return core_init_state(self.core, batch_size)
 
 
 class SequenceModel(nn.Module):
@@ -145,6 +149,4 @@ class SequenceModel(nn.Module):
         return self.readout(y), state
 
     def init_state(self, batch_size):
-        if isinstance(self.core, nn.RNNBase):
-            return fused_init_state(self.core, batch_size)
-        return self.core.init_state(batch_size)
+        return core_init_state(self.core, batch_size)

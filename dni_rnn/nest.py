@@ -62,20 +62,22 @@ def detach(state):
     return map_state(lambda t: t.detach(), state)
 
 
-def default_batch_dim(tensor):
-    """The batch dimension assumed when none is given: the one before the features.
+def batch_dimension(tensor, batch_dim=None):
+    """`batch_dim` if given, else the dimension before the features.
 
     `(B, H)` -> 0, `(layers, B, H)` -> 1, `(B,)` -> 0. A 0-d tensor has no batch dimension
     (returns None).
     """
+    if batch_dim is not None:
+        return batch_dim
     if tensor.dim() == 0:
         return None
     return max(tensor.dim() - 2, 0)
 
 
 def batch_size(tensor, batch_dim=None):
-    """Number of examples in `tensor` along `batch_dim` (default: `default_batch_dim`)."""
-    dim = default_batch_dim(tensor) if batch_dim is None else batch_dim
+    """Number of examples in `tensor` along `batch_dim` (default: see `batch_dimension`)."""
+    dim = batch_dimension(tensor, batch_dim)
     return 1 if dim is None else tensor.shape[dim]
 
 

@@ -143,7 +143,7 @@ class StateSynthesizer(nn.Module):
         return nest.unflatten(trigger, out)
 
     def _batch_dim(self, t):
-        d = nest.default_batch_dim(t) if self.batch_dim is None else self.batch_dim
+        d = nest.batch_dimension(t, self.batch_dim)
         if d is None:
             raise ValueError("StateSynthesizer needs state tensors with a batch dimension")
         return d

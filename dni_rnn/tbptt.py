@@ -291,7 +291,7 @@ class TBPTTRunner:
             return state
 
         def zero(t):
-            dim = nest.default_batch_dim(t) if self.batch_dim is None else self.batch_dim
+            dim = nest.batch_dimension(t, self.batch_dim)
             shape = [1] * t.dim()
             shape[dim] = -1
             return t * (~mask).to(t.dtype).reshape(shape)

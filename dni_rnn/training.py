@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import nest
 from .config import ConfigError, target_scale
 from .synthesizers import StateSynthesizer, state_dim
 from .tasks import build_task
@@ -543,7 +544,7 @@ def format_summary(s):
 
 def _checkpoint(cfg, task, model, synth, aux, optimizer, synth_optimizer, runner, progress,
                 state, stream):
-    cpu = (lambda s: None if s is None else _to_cpu(s))
+    cpu = (lambda s: None if s is None else nest.map_state(lambda t: t.detach().cpu(), s))
     return {
         "format": ckpt.FORMAT, "version": ckpt.VERSION,
         "config": cfg.to_dict(),
@@ -560,26 +561,6 @@ def _checkpoint(cfg, task, model, synth, aux, optimizer, synth_optimizer, runner
         "stream": task.stream_state() if stream is not None else None,
         "rng": ckpt.rng_state(),
     }
-
-
-def _to_cpu(state):
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, (tuple, list)):
-        return tuple(_to_cpu(s) for s in state)
-    if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
-    return state
-
-
-def _to(state, device):
-    if isinstance(state, torch.Tensor):
-        return state.to(device)
-    if isinstance(state, (tuple, list)):
-        return tuple(_to(s, device) for s in state)
-    if isinstance(state, dict):
-        return {k: _to(v, device) for k, v in state.items()}
-    return state
 
 
 def _restore(path, cfg, task, model, synth, aux, optimizer, synth_optimizer, runner, device):
@@ -603,7 +584,9 @@ def _restore(path, cfg, task, model, synth, aux, optimizer, synth_optimizer, run
     runner.load_state_dict(c["runner"])
     task.load_state_dict(c["task"])
     progress = Progress(**c["progress"])
-    state = _to(c["hidden"], device) if c["hidden"] is not None else None
+    state = None
+    if c["hidden"] is not None:
+        state = nest.map_state(lambda t: t.to(device), c["hidden"])
     stream = None
     if state is not None:
         stream = task.load_stream_state(c["stream"], device)

@@ -16,8 +16,8 @@ from torch import nn
 
 from . import nest
 from .interfaces import BackwardInterface
-from .models import fused_init_state
-from .synthesizers import StateSynthesizer
+from .models import core_init_state
+from .synthesizers import StateSynthesizer, state_dim
 
 
 class _AttachSyntheticGradient(torch.autograd.Function):
@@ -29,14 +29,6 @@ class _AttachSyntheticGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_outputs):
         return (grad_outputs, None, *ctx.grads)
-
-
-def _state_dim_of(rnn):
-    if isinstance(rnn, nn.RNNBase):
-        dirs = 2 if rnn.bidirectional else 1
-        per_layer = rnn.hidden_size * rnn.num_layers * dirs
-        return 2 * per_layer if isinstance(rnn, nn.LSTM) else per_layer
-    return None
 
 
 class DNI(nn.Module):
@@ -53,10 +45,10 @@ class DNI(nn.Module):
     def __init__(self, rnn, synthesizer=None, sg_scale=0.1, target_scale=1.0, n_hidden=1, hidden_dim=None):
         super().__init__()
         if synthesizer is None:
-            dim = _state_dim_of(rnn)
-            if dim is None:
+            if not isinstance(rnn, nn.RNNBase):
                 raise ValueError("DNI needs a synthesizer for a custom module, e.g. "
                                  "StateSynthesizer.mlp(dni.state_dim(state))")
+            dim = state_dim(core_init_state(rnn, 1))
             synthesizer = StateSynthesizer.mlp(dim, n_hidden=n_hidden, hidden_dim=hidden_dim)
         self.rnn = rnn
         self.interface = BackwardInterface(synthesizer, target_scale=target_scale)
@@ -75,9 +67,7 @@ class DNI(nn.Module):
         return outputs, new_state
 
     def init_state(self, batch_size):
-        if isinstance(self.rnn, nn.RNNBase):
-            return fused_init_state(self.rnn, batch_size)
-        return self.rnn.init_state(batch_size)
+        return core_init_state(self.rnn, batch_size)
 
     @property
     def last_stats(self):
