@@ -128,11 +128,8 @@ class BackwardInterface(nn.Module):
         """
         if not self.training:
             return state
-        tensors = [t.detach() for t in nest.flatten(state)]
-        detached = nest.unflatten(state, tensors)
-        message = self.synthesizer(detached, current_context())
-        messages = nest.check_same_structure(detached, message, "synthesizer message")
-        scale = self.target_scale if target_scale is None else target_scale
+        tensors, messages = self._messages(state)
+        scale = self._scale(target_scale)
         stats = TriggerStats(nest.batch_size(tensors[0], self.batch_dim))
         outs = [
             _SyntheticGradientUpdater.apply(t.detach().requires_grad_(), m, stats, scale)
@@ -143,13 +140,20 @@ class BackwardInterface(nn.Module):
 
     def synthesize(self, state, target_scale=None):
         """The synthetic gradient `g_hat ~ dL/d state` (detached, structured like `state`)."""
+        with torch.no_grad():
+            _, messages = self._messages(state)
+        scale = self._scale(target_scale)
+        return nest.unflatten(state, [m / scale for m in messages])
+
+    def _messages(self, state):
+        """The state's detached tensors and the synthesizer's message tensors for it."""
         tensors = [t.detach() for t in nest.flatten(state)]
         detached = nest.unflatten(state, tensors)
-        with torch.no_grad():
-            message = self.synthesizer(detached, current_context())
-        messages = nest.check_same_structure(detached, message, "synthesizer message")
-        scale = self.target_scale if target_scale is None else target_scale
-        return nest.unflatten(state, [m / scale for m in messages])
+        message = self.synthesizer(detached, current_context())
+        return tensors, nest.check_same_structure(detached, message, "synthesizer message")
+
+    def _scale(self, target_scale):
+        return self.target_scale if target_scale is None else target_scale
 
     def backward(self, state, factor=1.0, target_scale=None):
         """Backpropagate `factor * g_hat` into `state` (deferred inside `defer_backward()`).
