@@ -91,7 +91,11 @@ class DNIConfig:
                                                  "(free, the stable setting)")
     synth_layers: int = _f(1, "hidden layers of the MLP synthesizer (0: linear)")
     synth_hidden: int = _f(0, "units per synthesizer hidden layer (0: the state size)")
-    target_scale: str = _f("raw", "units of the synthesizer's targets: raw, sum, or a number")
+    target_scale: str = _f("rms", "units of the synthesizer's targets: rms (divided by their "
+                                  "running RMS), raw, sum, or a number")
+    sg_cap: float = _f(1.0, "cap on each stream's synthetic gradient, in running RMS norms of "
+                            "the real gradients at the triggers (0: no cap)")
+    guard: bool = _f(True, "recover from a diverging synthesizer: re-zero it, halve beta")
     synth_lr: float = _f(0.0, "own Adam learning rate for the synthesizer (0: share the "
                               "model's optimizer)")
     synth_clip: float = _f(0.0, "gradient-norm clip of the synthesizer, separate (0: none)")
@@ -329,6 +333,7 @@ def validate(cfg):
     need(cfg.dni.bootstrap is None or 0.0 <= cfg.dni.bootstrap <= 1.0,
          f"dni.bootstrap must lie in [0, 1] or be none, got {cfg.dni.bootstrap}")
     need(cfg.dni.synth_layers >= 0, "dni.synth_layers must be >= 0")
+    need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
     target_scale(cfg)
     need(0 < cfg.optim.plateau_factor <= 1, "optim.plateau_factor must lie in (0, 1]")
     need(cfg.model.embed_dim == cfg.model.hidden_dim or not cfg.model.tie_weights,
@@ -343,14 +348,14 @@ def validate(cfg):
 
 
 def target_scale(cfg):
-    """dni.target_scale as the runner wants it: "raw", "sum" or a float."""
+    """dni.target_scale as the runner wants it: "rms", "raw", "sum" or a float."""
     value = cfg.dni.target_scale
-    if value in ("raw", "sum"):
+    if value in ("rms", "raw", "sum"):
         return value
     try:
         return float(value)
     except ValueError:
-        raise ConfigError(f"dni.target_scale must be raw, sum or a number, got {value!r}") from None
+        raise ConfigError(f"dni.target_scale must be rms, raw, sum or a number, got {value!r}") from None
 
 
 # ---- recipes ---------------------------------------------------------------------------

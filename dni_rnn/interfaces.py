@@ -29,13 +29,17 @@ class TriggerStats:
         self.dot = 0.0
         self.message_sq = 0.0
         self.target_sq = 0.0
+        self.gradient_sq = 0.0
+        self.elements = 0
         self.filled = False
 
-    def add(self, message, target):
+    def add(self, message, target, gradient):
         self.squared_error = self.squared_error + (message - target).pow(2).sum()
         self.dot = self.dot + (message * target).sum()
         self.message_sq = self.message_sq + message.pow(2).sum()
         self.target_sq = self.target_sq + target.pow(2).sum()
+        self.gradient_sq = self.gradient_sq + gradient.pow(2).sum()
+        self.elements += gradient.numel()
         self.filled = True
 
     @property
@@ -51,6 +55,16 @@ class TriggerStats:
         denom = (self.message_sq * self.target_sq).sqrt()
         # no device sync: a zero denominator has a zero dot product, so 0 / tiny = 0
         return self.dot / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+
+    @property
+    def gradient_norm(self):
+        """Norm of the real gradient at the trigger, in gradient units (any target_scale)."""
+        return self.gradient_sq ** 0.5
+
+    @property
+    def gradient_mean_square(self):
+        """Mean square of the real gradient's elements at the trigger."""
+        return self.gradient_sq / max(self.elements, 1)
 
     @property
     def message_norm(self):
@@ -75,7 +89,7 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
     def backward(ctx, grad):
         (message,) = ctx.saved_tensors
         target = ctx.scale * grad
-        ctx.stats.add(message.detach(), target)
+        ctx.stats.add(message.detach(), target, grad)
         grad_message = 2.0 * (message - target) / ctx.stats.batch_size
         # the trigger is a fresh leaf: the real gradient stops here
         return None, grad_message, None, None

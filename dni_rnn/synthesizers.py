@@ -65,10 +65,15 @@ class BasicSynthesizer(nn.Module):
         self.input_context = nn.Linear(context_dim, first_dim, bias=False) if context_dim else None
         self.hidden = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(n_hidden - 1))
         self.output = nn.Linear(hidden_dim, output_dim) if n_hidden > 0 else None
-        last = self.output if n_hidden > 0 else self.input_trigger
+        self.zero_output_()
+
+    @torch.no_grad()
+    def zero_output_(self):
+        """Zero the output layer (weights and bias): the message becomes exactly zero."""
+        last = self.output if self.output is not None else self.input_trigger
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-        if n_hidden == 0 and self.input_context is not None:
+        if self.output is None and self.input_context is not None:
             nn.init.zeros_(self.input_context.weight)
 
     def forward(self, trigger, context=None):
@@ -129,6 +134,13 @@ class StateSynthesizer(nn.Module):
         inner = BasicSynthesizer(state_dim, n_hidden=n_hidden, hidden_dim=hidden_dim,
                                  context_dim=context_dim)
         return cls(inner, batch_dim=batch_dim)
+
+    def zero_output_(self):
+        """Zero the inner synthesizer's output, where it knows how (`zero_output_`)."""
+        fn = getattr(self.synthesizer, "zero_output_", None)
+        if fn is None:
+            raise AttributeError(f"{type(self.synthesizer).__name__} has no zero_output_()")
+        fn()
 
     def forward(self, trigger, context=None):
         tensors = nest.flatten(trigger)

@@ -19,6 +19,8 @@ import torch
 
 from . import deferred, nest
 from .interfaces import BackwardInterface
+from .stability import (DivergenceGuard, TargetRMS, cap_norm, features_per_example,
+                        forget_optimizer_state, zero_output_)
 from .synthesizers import current_context
 from .truncation import as_schedule
 
@@ -34,7 +36,10 @@ class ChunkMetrics:
     loss: the chunk's mean loss; tokens: steps x streams; grad_norm: model gradient norm
     before clipping; synth_loss: the synthesizer's regression loss at the trigger;
     cosine: cosine between synthetic and real gradient at the trigger; synthetic_norm /
-    real_norm: their norms (gradient units); aux_loss: the DNI + Aux loss.
+    real_norm: their norms (gradient units); aux_loss: the DNI + Aux loss; target_rms: the
+    running RMS of the real gradients at the triggers; capped: fraction of streams whose
+    synthetic gradient `sg_cap` scaled down; sg_scale: beta in force; recovery: why the
+    guard reset the synthesizer after this chunk (else None).
     """
 
     step: int
@@ -47,6 +52,10 @@ class ChunkMetrics:
     synthetic_norm: float = None
     real_norm: float = None
     aux_loss: float = None
+    target_rms: float = None
+    capped: float = None
+    sg_scale: float = None
+    recovery: str = None
     skipped: bool = False
 
     def as_dict(self):
@@ -71,9 +80,16 @@ class TBPTTRunner:
         synth_clip: max gradient norm of the synthesizer's parameters, clipped separately
             (a shared clip measurably hurts; DESIGN.md, "Stability and benefit").
         warmup: optimizer steps during which the synthesizer trains but nothing is injected.
-        target_scale: units of the synthesizer's targets: "raw" (gradients of the mean
-            loss as they are), "sum" (times the chunk's tokens: gradients of the summed
-            loss), or a number.
+        target_scale: units of the synthesizer's targets: "rms" (divided by the running RMS
+            of the real gradients at the triggers: O(1) on any task), "raw" (gradients of
+            the mean loss as they are), "sum" (times the chunk's tokens: gradients of the
+            summed loss), or a number.
+        sg_cap: the synthetic gradient of each stream is scaled down to at most `sg_cap`
+            times the running RMS norm of the real gradients at the triggers (None or 0:
+            no cap). A cap that does not bind leaves the update exact.
+        guard: recover from a diverging synthesizer (see `stability.DivergenceGuard`):
+            re-zero its output, forget its optimizer state and target RMS, halve beta and
+            lambda. `ChunkMetrics.recovery` says when and why.
         aux_head: for DNI + Aux, a module `(state, context) -> estimate` shaped like the
             state; `aux_weight` > 0 turns it on (see `_aux_loss`).
         aux_weight: weight of the auxiliary loss.
@@ -85,8 +101,8 @@ class TBPTTRunner:
 
     def __init__(self, model, loss_fn, optimizer, truncation=35, synthesizer=None,
                  sg_scale=0.1, bootstrap=None, clip=0.25, synth_clip=None, warmup=0,
-                 target_scale="raw", aux_head=None, aux_weight=0.0, synth_optimizer=None,
-                 batch_dim=None, on_nonfinite="raise"):
+                 target_scale="rms", sg_cap=1.0, guard=True, aux_head=None, aux_weight=0.0,
+                 synth_optimizer=None, batch_dim=None, on_nonfinite="raise"):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.schedule = as_schedule(truncation)
         self.sg_scale = float(sg_scale)
@@ -97,8 +113,10 @@ class TBPTTRunner:
             raise ValueError(f"sg_scale (beta) must be >= 0, got {sg_scale}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        if not (target_scale in ("raw", "sum") or isinstance(target_scale, (int, float))):
-            raise ValueError(f"target_scale must be 'raw', 'sum' or a number, got {target_scale!r}")
+        if not (target_scale in ("rms", "raw", "sum") or isinstance(target_scale, (int, float))):
+            raise ValueError(f"target_scale must be 'rms', 'raw', 'sum' or a number, got {target_scale!r}")
+        if sg_cap is not None and sg_cap < 0:
+            raise ValueError(f"sg_cap must be > 0 (or None: no cap), got {sg_cap}")
         if aux_weight and aux_head is None:
             raise ValueError("aux_weight > 0 needs an aux_head (e.g. StateSynthesizer.mlp(...))")
         if aux_weight and synthesizer is None:
@@ -108,6 +126,10 @@ class TBPTTRunner:
         self.aux_head, self.aux_weight = aux_head, float(aux_weight)
         self.synth_optimizer, self.batch_dim = synth_optimizer, batch_dim
         self.on_nonfinite = on_nonfinite
+        self.sg_cap = float(sg_cap) if sg_cap else None
+        self.target_rms = TargetRMS()
+        self.guard = DivergenceGuard() if guard and synthesizer is not None else None
+        self.recoveries = 0
         self.interface = BackwardInterface(synthesizer, batch_dim) if synthesizer is not None else None
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.synth_params = []
@@ -188,7 +210,7 @@ class TBPTTRunner:
             deferred.backward(self._loss(outputs, targets, metrics))
             g_hat = None
             if future:
-                g_hat = self.interface.synthesize(new_state, target_scale=scale)
+                g_hat = self._synthesize(new_state, scale, metrics)
                 if next_resets is not None:
                     g_hat = self._zero_streams(g_hat, next_resets)
                 if beta:
@@ -200,12 +222,50 @@ class TBPTTRunner:
                     metrics.aux_loss = aux.item()
                     deferred.backward(self.aux_weight * aux)
         stats = self.interface.last_stats
+        metrics.sg_scale = self.sg_scale
         if stats.filled:
+            self.target_rms.update(stats.gradient_mean_square)
             metrics.synth_loss = float(stats.loss)
             metrics.cosine = float(stats.cosine)
-            metrics.synthetic_norm = float(stats.message_norm) / scale
-            metrics.real_norm = float(stats.target_norm) / scale
+            metrics.synthetic_norm = float(stats.message_norm / scale) if scale else 0.0
+            metrics.real_norm = float(stats.gradient_norm)
+            if self.target_rms.known:
+                metrics.target_rms = float(self.target_rms.value())
+            if self.guard is not None:
+                reason = self.guard.check(metrics.target_rms, metrics.synthetic_norm,
+                                          metrics.real_norm)
+                if reason:
+                    self._recover(reason, metrics)
         return new_state
+
+    def _synthesize(self, new_state, scale, metrics):
+        """g_hat at the chunk's end, capped per stream at sg_cap x the targets' RMS norm."""
+        if not scale:  # "rms" before any target was seen: the output is still zero
+            return nest.map_state(torch.zeros_like, nest.detach(new_state))
+        g_hat = self.interface.synthesize(new_state, target_scale=scale)
+        if self.sg_cap is not None and self.target_rms.known:
+            dim = features_per_example(g_hat, self.batch_dim)
+            bound = self.sg_cap * self.target_rms.value() * math.sqrt(dim)
+            g_hat, capped = cap_norm(g_hat, bound, self.batch_dim)
+            metrics.capped = float(capped)
+        return g_hat
+
+    def _recover(self, reason, metrics):
+        """The guard fired: restart the synthesizer from zero with half the coupling."""
+        zeroed = zero_output_(self.interface.synthesizer)
+        if self.aux_head is not None:
+            zero_output_(self.aux_head)
+        for opt in (self.optimizer, self.synth_optimizer):
+            if opt is not None:
+                forget_optimizer_state(opt, self.synth_params)
+        self.target_rms.reset()
+        self.guard.restart(recovered=True)
+        self.sg_scale *= 0.5
+        self.bootstrap *= 0.5
+        self.recoveries += 1
+        action = "re-zeroed the synthesizer's output, " if zeroed else ""
+        metrics.recovery = (f"{reason}; {action}reset its optimizer state and target RMS, "
+                            f"beta -> {self.sg_scale:.3g}, lambda -> {self.bootstrap:.3g}")
 
     def _bootstrap_correction(self, trigger, new_state, g_hat, weight):
         """Add weight * J^T g_hat at the trigger (a second VJP through the recurrent core)."""
@@ -254,6 +314,9 @@ class TBPTTRunner:
             self.synth_optimizer.step()
 
     def _scale(self, tokens):
+        if self.target_scale == "rms":
+            # before any target was measured: 0 (nothing to regress on, nothing injected)
+            return 1.0 / self.target_rms.value() if self.target_rms.known else 0.0
         if self.target_scale == "raw":
             return 1.0
         if self.target_scale == "sum":
@@ -389,9 +452,18 @@ class TBPTTRunner:
     def state_dict(self):
         """Runner state for resuming: step count and the truncation schedule's generator."""
         sched = self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else {}
-        return {"step": self.step, "schedule": sched}
+        return {"step": self.step, "schedule": sched, "sg_scale": self.sg_scale,
+                "bootstrap": self.bootstrap, "target_rms": self.target_rms.state_dict(),
+                "guard": self.guard.state_dict() if self.guard is not None else None,
+                "recoveries": self.recoveries}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
         if hasattr(self.schedule, "load_state_dict"):
             self.schedule.load_state_dict(state["schedule"])
+        if "target_rms" in state:  # checkpoints before the guard have none of these
+            self.sg_scale, self.bootstrap = float(state["sg_scale"]), float(state["bootstrap"])
+            self.target_rms.load_state_dict(state["target_rms"])
+            if self.guard is not None and state["guard"] is not None:
+                self.guard.load_state_dict(state["guard"])
+            self.recoveries = int(state["recoveries"])

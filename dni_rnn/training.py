@@ -136,7 +136,8 @@ class Progress:
 class Meter:
     """Sums ChunkMetrics over one log interval."""
 
-    FIELDS = ("grad_norm", "synth_loss", "cosine", "synthetic_norm", "real_norm", "aux_loss")
+    FIELDS = ("grad_norm", "synth_loss", "cosine", "synthetic_norm", "real_norm", "aux_loss",
+              "target_rms", "capped", "sg_scale")
 
     def __init__(self):
         self.reset()
@@ -298,7 +299,8 @@ def _train(cfg, out_dir, resume, data_dir, quiet):
         model, task.loss_fn, optimizer, truncation=schedule, synthesizer=synth,
         sg_scale=cfg.dni.sg_scale, bootstrap=cfg.dni.bootstrap, clip=cfg.optim.clip or None,
         synth_clip=cfg.dni.synth_clip or None, warmup=cfg.dni.warmup,
-        target_scale=target_scale(cfg), aux_head=aux,
+        target_scale=target_scale(cfg), sg_cap=cfg.dni.sg_cap or None, guard=cfg.dni.guard,
+        aux_head=aux,
         aux_weight=cfg.dni.aux_weight if cfg.dni.method == "dni-aux" else 0.0,
         synth_optimizer=synth_optimizer, on_nonfinite=t.on_nonfinite)
     progress, state, stream = Progress(), None, None
@@ -381,6 +383,11 @@ def _train(cfg, out_dir, resume, data_dir, quiet):
             progress.pos = b
             progress.tokens += m.tokens
             meter.add(m)
+            if m.recovery:  # the runner's guard acted: say so on the terminal and in the JSONL
+                log.emit({"kind": "recovery", "step": progress.step, "tokens": progress.tokens,
+                          "reason": m.recovery, "sg_scale": runner.sg_scale,
+                          "bootstrap": runner.bootstrap})
+                log.write_line(f"recovery: step {progress.step}: {m.recovery}")
             epoch_end = b >= n
             if epoch_end:
                 stream, state = None, None
@@ -413,6 +420,7 @@ def _train(cfg, out_dir, resume, data_dir, quiet):
     if progress.last_eval_step != progress.step:
         validate()
     summary = _summary(cfg, task, progress, run_dir, optimizer)
+    summary["recoveries"] = runner.recoveries
     if t.test and not task.synthetic:
         best = ckpt.load(run_dir / "best.pt", map_location=device)
         model.load_state_dict(best["model"])

@@ -24,7 +24,7 @@ def test_recipe_values_override_defaults():
     assert cfg.data.batch_size == 20 and cfg.train.truncation == 35   # from ptb-word-small
     small = C.load_recipe("ptb-word-small")
     assert (small.optim.name, small.optim.lr, small.optim.clip) == ("adam", 1e-3, 0.25)
-    assert (small.dni.sg_scale, small.dni.bootstrap, small.dni.target_scale) == (0.1, None, "raw")
+    assert (small.dni.sg_scale, small.dni.bootstrap, small.dni.target_scale) == (0.1, None, "rms")
     assert C.load_recipe("ptb-char").metric_name == "bpc"
     assert C.load_recipe("copy").metric_name == "length"
 

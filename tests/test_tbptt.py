@@ -7,6 +7,9 @@ from torch import nn
 import dni_rnn as dni
 from helpers import BiasSynthesizer, OracleSynthesizer, chunk_loss, full_bptt, make_problem
 
+# the stability mechanisms off: targets in gradient units, no cap, no guard (the exact DNI)
+EXACT = dict(target_scale="raw", sg_cap=None, guard=False)
+
 
 class RecordingOptimizer(torch.optim.Optimizer):
     """Changes nothing; sums the gradients it is asked to apply (to compare with BPTT)."""
@@ -67,7 +70,8 @@ def test_runner_with_oracle_synthesizer_equals_full_bptt(T):
     reference, values, future = full_bptt(model, x, y, state, T)
     opt = RecordingOptimizer(model.parameters())
     runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=T, clip=None,
-                             synthesizer=OracleSynthesizer(values, future), sg_scale=1.0)
+                             synthesizer=OracleSynthesizer(values, future), sg_scale=1.0,
+                             **EXACT)
     _, metrics = runner.run(x, y, state=state)
     for g, r in zip(opt.total, reference):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
@@ -80,7 +84,7 @@ def bootstrap_target(lam, beta=0.1, target_scale="raw"):
     synth = BiasSynthesizer(state)
     opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
     runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, clip=None, synthesizer=synth,
-                             sg_scale=beta, bootstrap=lam, target_scale=target_scale)
+                             sg_scale=beta, bootstrap=lam, **{**EXACT, "target_scale": target_scale})
     runner.train_chunk(x[:4], y[:4], state)
     n_model = len(list(model.parameters()))
     scale = runner._scale(4 * 3)
@@ -115,7 +119,7 @@ def test_model_gradients_use_beta_not_lambda():
         synth = BiasSynthesizer(state)
         opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
         runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, clip=None,
-                                 synthesizer=synth, sg_scale=0.1, bootstrap=lam)
+                                 synthesizer=synth, sg_scale=0.1, bootstrap=lam, **EXACT)
         runner.train_chunk(x[:4], y[:4], state)
         grads.append(opt.total[: len(list(model.parameters()))])
     for a, b in zip(*grads):
@@ -208,7 +212,7 @@ def test_reset_at_next_chunk_start_masks_the_synthetic_gradient():
     synth = BiasSynthesizer(state)
     opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
     runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, clip=None, synthesizer=synth,
-                             sg_scale=1.0)
+                             sg_scale=1.0, **EXACT)
     next_resets = torch.tensor([False, True, True])
     runner.train_chunk(x[:4], y[:4], state, next_resets=next_resets)
     with_mask = opt.total[0].clone()
@@ -287,7 +291,7 @@ def test_aux_objective_equals_its_autograd_definition():
     params = list(model.parameters()) + list(synth.parameters()) + list(aux.parameters())
     opt = RecordingOptimizer(params)
     runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, clip=None, synthesizer=synth,
-                             sg_scale=0.1, aux_head=aux, aux_weight=0.5)
+                             sg_scale=0.1, aux_head=aux, aux_weight=0.5, **EXACT)
     _, metrics = runner.train_chunk(x[:4], y[:4], state)
     n_model = len(list(model.parameters()))
 

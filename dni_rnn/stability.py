@@ -1,0 +1,188 @@
+"""Keeping DNI bounded: target units, a cap on the synthetic gradient, and a guard.
+
+The synthesizer's bootstrapped target `dL_k/ds_k + lambda * J_k^T g_hat_{k+1}` contains
+its own output, so it can feed on itself whenever `lambda * J` amplifies, as TD learning
+without a discount can (DESIGN.md, "Stability and benefit"). Three pieces, each off-able
+and each measured in docs/dni.md:
+
+- `TargetRMS`: a running RMS of the real gradients that reach the triggers. With
+  `target_scale="rms"` the synthesizer regresses onto `g / rms`, in O(1) units on every
+  task (Adam's fixed step size makes raw targets of 1e-4 mostly noise).
+- `cap_norm`: the synthetic gradient of each example is at most `sg_cap` times that RMS
+  norm, so the injection, and through it the bootstrapped term of the next target, stays
+  within a fixed multiple of the real gradients.
+- `DivergenceGuard`: watches the target scale and the synthetic / real norm ratio; when
+  they run away, the runner re-zeroes the synthesizer's output, forgets its optimizer
+  state and the RMS, and halves beta (and lambda) instead of only warning.
+"""
+import math
+
+import torch
+
+from . import nest
+
+
+class TargetRMS:
+    """Running root-mean-square of the synthesizer's targets, per state element.
+
+    An exponential moving average of the mean square with Adam's bias correction. A
+    trigger whose real gradient is exactly zero (every stream restarted inside the chunk,
+    as in episodic tasks) carries no scale and is left out.
+
+    Args:
+        decay: weight of the past per update (0.99: about the last hundred chunks).
+    """
+
+    def __init__(self, decay=0.99):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"rms decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.reset()
+
+    def reset(self):
+        self.mean_square = None
+        self.updates = 0
+
+    @property
+    def known(self):
+        return self.updates > 0
+
+    def update(self, mean_square):
+        """Fold in one trigger's mean square (a 0-d tensor); zeros are skipped."""
+        ms = mean_square.detach()
+        if not float(ms) > 0:
+            return
+        self.mean_square = (1 - self.decay) * ms if self.mean_square is None \
+            else self.decay * self.mean_square + (1 - self.decay) * ms
+        self.updates += 1
+
+    def value(self):
+        """The bias-corrected RMS (a 0-d tensor); call only when `known`."""
+        return (self.mean_square / (1 - self.decay ** self.updates)).sqrt()
+
+    def state_dict(self):
+        return {"mean_square": self.mean_square, "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state):
+        self.mean_square, self.updates = state["mean_square"], int(state["updates"])
+        self.decay = float(state["decay"])
+
+
+def per_example_norm(state, batch_dim=None):
+    """The norm over all of a (nested) state's features, per example: `(B,)`."""
+    total = None
+    for t in nest.flatten(state):
+        d = nest.batch_dimension(t, batch_dim)
+        sq = t.pow(2).movedim(d, 0).reshape(t.shape[d], -1).sum(dim=1)
+        total = sq if total is None else total + sq
+    return total.sqrt()
+
+
+def features_per_example(state, batch_dim=None):
+    return sum(t.numel() // nest.batch_size(t, batch_dim) for t in nest.flatten(state))
+
+
+def cap_norm(state, max_norm, batch_dim=None):
+    """Scale each example of `state` down so that its norm is at most `max_norm`.
+
+    Examples already within the bound are returned unchanged (bit for bit): a cap that
+    does not bind leaves the update exact.
+
+    Args:
+        state: a tensor or nested state of tensors, each with a batch dimension.
+        max_norm: a float or 0-d tensor.
+    Returns:
+        (the capped state, the fraction of examples that were scaled down, a 0-d tensor)
+    """
+    norms = per_example_norm(state, batch_dim)
+    factor = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30),
+                         torch.ones_like(norms))
+    capped = (norms > max_norm).to(norms.dtype).mean()
+
+    def scale(t):
+        d = nest.batch_dimension(t, batch_dim)
+        shape = [1] * t.dim()
+        shape[d] = -1
+        return t * factor.reshape(shape)
+
+    return nest.map_state(scale, state), capped
+
+
+class DivergenceGuard:
+    """Decides when a DNI run is diverging, so that the runner can recover.
+
+    Signs, checked once per chunk after a burn-in:
+    - the running RMS of the targets grew more than `growth` times above the smallest
+      value seen since training began (kept across recoveries, so that a run whose model
+      was already damaged keeps backing off): the bootstrapped target feeding on itself;
+    - the synthetic gradient's norm stayed more than `ratio` times the real one (an
+      average over about `window` chunks): the synthesizer far off its targets;
+    - the synthesizer's statistics are not finite.
+
+    Args:
+        growth: allowed growth of the target RMS over its floor.
+        ratio: allowed synthetic / real norm ratio (averaged).
+        burn_in: chunks after the start and after each recovery before anything is judged.
+        window: chunks averaged for the ratio.
+    """
+
+    def __init__(self, growth=100.0, ratio=10.0, burn_in=50, window=50):
+        self.growth, self.ratio = float(growth), float(ratio)
+        self.burn_in, self.window = int(burn_in), int(window)
+        self.floor = math.inf
+        self.recovered = False
+        self.restart()
+
+    def restart(self, recovered=False):
+        """Start judging afresh, after a recovery when `recovered` (the floor is kept)."""
+        self.seen = 0
+        self.ratio_avg = None
+        self.recovered = self.recovered or recovered
+
+    def check(self, rms, synthetic_norm, real_norm):
+        """Feed one chunk's numbers (floats; rms None while unknown); returns a reason or None."""
+        self.seen += 1
+        if not all(math.isfinite(v) for v in (rms or 0.0, synthetic_norm, real_norm)):
+            return "the synthesizer's target or output is not finite"
+        if real_norm > 0:
+            r = synthetic_norm / real_norm
+            a = 2.0 / (self.window + 1)
+            self.ratio_avg = r if self.ratio_avg is None else (1 - a) * self.ratio_avg + a * r
+        if rms is None:  # no target scale measured yet
+            return None
+        if self.seen <= self.burn_in:
+            if not self.recovered:  # after a recovery the scale is suspect until judged
+                self.floor = min(self.floor, rms)
+            return None
+        if rms > self.growth * self.floor:
+            return f"the target RMS grew {rms / self.floor:.0f}x (from {self.floor:.2e} to {rms:.2e})"
+        if self.ratio_avg is not None and self.ratio_avg > self.ratio:
+            return f"the synthetic gradient stayed {self.ratio_avg:.1f}x the real one"
+        self.floor = min(self.floor, rms)
+        return None
+
+    def state_dict(self):
+        return {"seen": self.seen, "floor": self.floor, "ratio_avg": self.ratio_avg,
+                "recovered": self.recovered}
+
+    def load_state_dict(self, state):
+        self.seen, self.floor = int(state["seen"]), float(state["floor"])
+        self.ratio_avg, self.recovered = state["ratio_avg"], bool(state["recovered"])
+
+
+def zero_output_(synthesizer):
+    """Make `synthesizer` output zeros again (its `zero_output_()`); False if it has none."""
+    fn = getattr(synthesizer, "zero_output_", None)
+    if fn is None:
+        return False
+    try:
+        fn()
+    except AttributeError:  # a wrapper around a synthesizer that has none
+        return False
+    return True
+
+
+def forget_optimizer_state(optimizer, params):
+    """Drop the optimizer's per-parameter state (Adam moments, momentum) for `params`."""
+    for p in params:
+        optimizer.state.pop(p, None)
