@@ -90,7 +90,9 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
         (message,) = ctx.saved_tensors
         target = ctx.scale * grad
         ctx.stats.add(message.detach(), target, grad)
-        grad_message = 2.0 * (message - target) / ctx.stats.batch_size
+        grad_message = None
+        if not (isinstance(ctx.scale, (int, float)) and ctx.scale == 0):  # 0: measure only
+            grad_message = 2.0 * (message - target) / ctx.stats.batch_size
         # the trigger is a fresh leaf: the real gradient stops here
         return None, grad_message, None, None
 
@@ -135,7 +137,8 @@ class BackwardInterface(nn.Module):
 
         Args:
             state: a tensor or nested tuple / list / dict of tensors.
-            target_scale: overrides the interface's `target_scale` for this trigger.
+            target_scale: overrides the interface's `target_scale` for this trigger; 0
+                measures the real gradient (`last_stats`) without training the synthesizer.
         Returns:
             the trigger, structured like `state`. `self.last_stats` (a `TriggerStats`) is
             filled once the backward pass has reached it.

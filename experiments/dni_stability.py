@@ -36,6 +36,15 @@ SETTINGS = {
               "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true"},
     "cap3": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
              "dni.target_scale": "rms", "dni.sg_cap": "3", "dni.guard": "true"},
+    "synth-lr": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
+                 "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true",
+                 "dni.synth_lr": "1e-4"},
+    "warmup": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
+               "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true",
+               "dni.warmup": "1000"},
+    # the old setting with only the guard added
+    "old-guard": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
+                  "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "true"},
     # the settings shipped before: raw targets (LMs) / x1000 with beta = lambda = 1 (copy),
     # no cap, no guard
     "old": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
@@ -48,6 +57,8 @@ LM = {"train.test": "true", "train.progress": "false"}
 CASES = {
     "word-T5": ("ptb-word-small", {**LM, "train.epochs": "1", "train.truncation": "5"}),
     "word-T10": ("ptb-word-small", {**LM, "train.epochs": "1", "train.truncation": "10"}),
+    "word-T5-300k": ("ptb-word-small", {**LM, "train.max_tokens": "300000",
+                                        "train.truncation": "5", "train.test": "false"}),
     "word-T35": ("ptb-word-small", {**LM, "train.epochs": "1", "train.truncation": "35"}),
     "char-T5": ("ptb-char", {**LM, "train.max_tokens": "1000000", "train.truncation": "5",
                              "train.eval_tokens": "250000"}),
@@ -162,6 +173,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="parallel runs of the language models")
     p.add_argument("--cpu-jobs", type=int, default=0, help="parallel copy / demo runs "
                    "(0: they share --jobs)")
+    p.add_argument("--runs", default="", help="explicit runs CASE:SETTING:SEED,... instead "
+                   "of the plan")
     p.add_argument("--only", default="", help="comma-separated settings")
     p.add_argument("--cases", default="", help="comma-separated cases")
     p.add_argument("--deadline", type=float, default=0, help="seconds; no run starts later "
@@ -169,7 +182,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
     cases = set(filter(None, args.cases.split(",")))
-    plan = [j for j in PLAN if (not only or j[1] in only) and (not cases or j[0] in cases)]
+    explicit = [(c, st, int(seed)) for c, st, seed in
+                (r.split(":") for r in filter(None, args.runs.split(",")))]
+    plan = [j for j in (explicit or PLAN) if (not only or j[1] in only) and (not cases or j[0] in cases)]
     deadline = time.time() + args.deadline if args.deadline else math.inf
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +199,9 @@ def main(argv=None):
     cpu = [j for j in plan if j[0] in CPU_CASES]
     if args.cpu_jobs:
         with ThreadPoolExecutor(args.jobs) as a, ThreadPoolExecutor(args.cpu_jobs) as b:
-            list(a.map(go, lm)) + list(b.map(go, cpu))  # noqa: B018 (wait for both)
+            futures = [a.submit(go, j) for j in lm] + [b.submit(go, j) for j in cpu]
+            for f in futures:
+                f.result()
     else:
         with ThreadPoolExecutor(args.jobs) as a:
             list(a.map(go, plan))

@@ -1,0 +1,197 @@
+"""The stability mechanisms: exact when off or not binding, what they compute when they bind,
+and a guard that brings a deliberately unstable run back to plain TBPTT's loss."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dni_rnn as dni
+from dni_rnn.stability import DivergenceGuard, TargetRMS, cap_norm, per_example_norm
+from helpers import BiasSynthesizer, chunk_loss, make_problem
+from test_tbptt import EXACT, RecordingOptimizer
+
+
+def test_cap_leaves_examples_within_the_bound_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)   # (layers, B, H)
+    c = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    norms = per_example_norm((h, c))
+    bound = float(norms.sort().values[1] + norms.sort().values[2]) / 2  # 2 of 4 above it
+    (h2, c2), capped = cap_norm((h, c), bound)
+    after = per_example_norm((h2, c2))
+    for b in range(4):
+        if norms[b] <= bound:
+            assert torch.equal(h2[:, b], h[:, b]) and torch.equal(c2[:, b], c[:, b])
+        else:
+            assert after[b] == pytest.approx(bound, rel=1e-12)
+            # scaled, not clipped elementwise: the direction is kept
+            assert torch.allclose(h2[:, b] / h[:, b], (after[b] / norms[b]).expand(2, 3))
+    assert float(capped) == 0.5
+
+
+def test_target_rms_is_a_bias_corrected_running_rms_that_skips_zeros():
+    rms = TargetRMS(decay=0.5)
+    assert not rms.known
+    rms.update(torch.tensor(4.0))
+    assert float(rms.value()) == pytest.approx(2.0)
+    rms.update(torch.tensor(0.0))            # every stream restarted: no scale, skipped
+    rms.update(torch.tensor(16.0))
+    # EMA of (4, 16) with decay 0.5, bias-corrected: (0.25 * 4 + 0.5 * 16) / 0.75
+    assert float(rms.value()) == pytest.approx(math.sqrt((0.25 * 4 + 0.5 * 16) / 0.75))
+
+
+def _runner(model, synth, opt, **kw):
+    return dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, clip=None, synthesizer=synth,
+                           **kw)
+
+
+def test_a_cap_that_does_not_bind_leaves_the_update_exact():
+    totals = []
+    for cap in (None, 1e9):
+        model, x, y, state = make_problem(n_steps=12)
+        synth = BiasSynthesizer(state)
+        opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
+        runner = _runner(model, synth, opt, sg_scale=1.0, **{**EXACT, "sg_cap": cap})
+        runner.run(x, y, state=state)
+        totals.append(opt.total)
+    for a, b in zip(*totals):
+        assert torch.equal(a, b)
+
+
+def test_a_binding_cap_injects_the_capped_synthetic_gradient():
+    """Chunk 2's model gradient is that of L + beta <cap(g_hat), s_end>, where each stream's
+    g_hat is scaled to at most sg_cap * rms * sqrt(features), rms measured at chunk 1."""
+    model, x, y, state = make_problem(n_steps=8)
+    synth = BiasSynthesizer(state)
+    with torch.no_grad():
+        for b in synth.biases:
+            b.normal_(0.0, 10.0)  # far above the real gradients: the cap binds
+    opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
+    runner = _runner(model, synth, opt, sg_scale=0.5, bootstrap=0.5, target_scale="raw",
+                     sg_cap=2.0, guard=False)
+    mid, _ = runner.train_chunk(x[:4], y[:4], state)
+    rms = float(runner.target_rms.value())
+    opt.total = None
+    _, m = runner.train_chunk(x[4:], y[4:], mid)
+    assert m.capped == 1.0
+    g_hat = tuple(b.detach().clone() for b in synth.biases)
+    bound = 2.0 * rms * math.sqrt(dni.state_dim(state))
+    capped, _ = cap_norm(g_hat, bound)
+    assert per_example_norm(capped).max() == pytest.approx(bound, rel=1e-12)
+    leaf = tuple(t.clone() for t in mid)
+    out, end = model(x[4:], leaf)
+    objective = chunk_loss(out, y[4:]) + 0.5 * sum((g * s).sum() for g, s in zip(capped, end))
+    expected = torch.autograd.grad(objective, list(model.parameters()))
+    for a, b in zip(opt.total, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_rms_units_regress_onto_the_gradient_over_its_running_rms():
+    """target_scale="rms": the first chunk only measures the scale (nothing is injected);
+    then the synthesizer regresses onto g / rms and the injection is rms * message."""
+    model, x, y, state = make_problem(n_steps=8)
+    synth = BiasSynthesizer(state)
+    with torch.no_grad():
+        for b in synth.biases:
+            b.normal_(0.0, 1.0)
+    opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
+    runner = _runner(model, synth, opt, sg_scale=0.1, target_scale="rms", sg_cap=None,
+                     guard=False)
+    n_model = len(list(model.parameters()))
+    mid, m0 = runner.train_chunk(x[:4], y[:4], state)
+    # chunk 1: the real gradient at the trigger sets the scale; the message is not regressed
+    leaf = tuple(t.clone().requires_grad_() for t in state)
+    out, _ = model(x[:4], leaf)
+    g0 = torch.autograd.grad(chunk_loss(out, y[:4]), leaf)
+    ms = sum(g.pow(2).sum() for g in g0) / sum(g.numel() for g in g0)
+    assert float(runner.target_rms.value()) == pytest.approx(float(ms.sqrt()), rel=1e-12)
+    assert all(float(g.abs().max()) == 0 for g in opt.total[n_model:])
+    # chunk 2: target = (dL/ds + beta J^T g_hat) / rms, g_hat = rms * message
+    rms = runner.target_rms.value()
+    opt.total = None
+    runner.train_chunk(x[4:], y[4:], mid)
+    batch = state[0].shape[1]
+    got = [p.detach() - g * batch / 2 for p, g in zip(synth.biases, opt.total[n_model:])]
+    leaf = tuple(t.clone().requires_grad_() for t in mid)
+    out, end = model(x[4:], leaf)
+    g_hat = [p.detach() * rms for p in synth.biases]
+    objective = chunk_loss(out, y[4:]) + 0.1 * sum((g * s).sum() for g, s in zip(g_hat, end))
+    expected = [g / rms for g in torch.autograd.grad(objective, leaf)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_guard_fires_on_growth_and_on_ratio_and_not_during_burn_in():
+    guard = DivergenceGuard(growth=100, ratio=10, burn_in=3, window=3)
+    assert [guard.check(1.0, 0.1, 1.0) for _ in range(3)] == [None] * 3
+    assert guard.check(50.0, 0.1, 1.0) is None
+    assert "grew 200x" in guard.check(200.0, 0.1, 1.0)
+    guard.restart(recovered=True)
+    for _ in range(3):  # burn-in after a recovery: nothing judged, the floor is kept
+        assert guard.check(500.0, 0.1, 1.0) is None
+    assert "grew 500x" in guard.check(500.0, 0.1, 1.0)
+    guard = DivergenceGuard(growth=100, ratio=10, burn_in=3, window=3)
+    results = [guard.check(1.0, 50.0, 1.0) for _ in range(4)]
+    assert results[:3] == [None] * 3 and "stayed 50.0x the real one" in results[3]
+    assert "not finite" in guard.check(math.inf, 0.1, 1.0)
+
+
+def test_zero_output_makes_the_synthesizer_output_zero_again():
+    synth = dni.StateSynthesizer.mlp(8, n_hidden=1)
+    torch.nn.init.normal_(synth.synthesizer.output.weight)
+    torch.nn.init.normal_(synth.synthesizer.output.bias)
+    x = torch.randn(5, 8)
+    assert synth(x).abs().max() > 0
+    synth.zero_output_()
+    assert synth(x).abs().max() == 0
+
+
+# ---- a deliberately unstable setting: beta = lambda = 1, raw targets, no cap -------------
+
+def _markov_streams(n=40_000, vocab=30, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cdf = torch.softmax(3 * torch.randn(vocab, vocab, generator=g), dim=1).cumsum(dim=1)
+    u = torch.rand(n, generator=g).tolist()
+    x, prev = [0], 0
+    for t in range(1, n):  # a first-order Markov chain: a little structure to learn
+        prev = min(int(torch.searchsorted(cdf[prev], u[t])), vocab - 1)
+        x.append(prev)
+    x = torch.tensor(x)
+    return x.reshape(batch, -1).t().contiguous()  # (N, B)
+
+
+def _lm_loss(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _train(data, dni_kwargs):
+    torch.manual_seed(0)
+    model = dni.RNNLanguageModel(30, embed_dim=32, hidden_dim=64, num_layers=1)
+    synth, params = None, list(model.parameters())
+    if dni_kwargs is not None:
+        synth = dni.StateSynthesizer.mlp(dni.state_dim(model.init_state(1)), n_hidden=1)
+        params += list(synth.parameters())
+    runner = dni.TBPTTRunner(model, _lm_loss, torch.optim.Adam(params, lr=1e-2), truncation=2,
+                             synthesizer=synth, clip=1.0, **(dni_kwargs or {}))
+    _, metrics = runner.run(data[:-1], data[1:])
+    tail = [m.loss for m in metrics[-200:]]
+    return sum(tail) / len(tail), runner, metrics
+
+
+def test_guard_recovers_a_diverging_run_to_plain_tbptt_loss():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = _markov_streams()
+        plain, _, _ = _train(data, None)
+        unstable = dict(sg_scale=1.0, bootstrap=1.0, target_scale="raw", sg_cap=None)
+        diverged, _, _ = _train(data, {**unstable, "guard": False})
+        recovered, runner, metrics = _train(data, {**unstable, "guard": True})
+    finally:
+        torch.set_num_threads(threads)
+    assert diverged > plain + 1.0, (diverged, plain)      # without the guard the run is lost
+    assert runner.recoveries >= 1 and runner.sg_scale < 1.0
+    events = [m for m in metrics if m.recovery]
+    assert len(events) == runner.recoveries and "re-zeroed" in events[0].recovery
+    assert math.isfinite(recovered) and recovered < plain + 0.1, (recovered, plain)
