@@ -90,8 +90,9 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
         (message,) = ctx.saved_tensors
         target = ctx.scale * grad
         ctx.stats.add(message.detach(), target, grad)
-        grad_message = None
-        if not (isinstance(ctx.scale, (int, float)) and ctx.scale == 0):  # 0: measure only
+        if isinstance(ctx.scale, (int, float)) and ctx.scale == 0:  # 0: measure only
+            grad_message = torch.zeros_like(message)
+        else:
             grad_message = 2.0 * (message - target) / ctx.stats.batch_size
         # the trigger is a fresh leaf: the real gradient stops here
         return None, grad_message, None, None

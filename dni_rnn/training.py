@@ -189,7 +189,6 @@ class RunLog:
         else:  # drop what a killed run logged after its last checkpoint
             kept = [line for line in self._read() if line.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.watch = DivergenceWatch()
         self.tb = None
         if tensorboard:
             try:
@@ -480,40 +479,6 @@ def _log_interval(log, meter, progress, optimizer, task, bar):
     else:
         bar.set_postfix({"N": task.length, "solved": task.solved,
                          "tok/s": f"{rec['tokens_per_s']:.0f}"}, refresh=False)
-    warning = log.watch.check(rec)
-    if warning:
-        log.write_line(f"warning: step {progress.step}: {warning}")
-
-
-class DivergenceWatch:
-    """DNI divergence shows first in the synthesizer (DESIGN.md): its target (real_norm:
-    the real gradient plus lambda J^T g_hat) or its output outgrowing where they started.
-    An undiscounted bootstrap runs away with the synthesizer fitting it (cosine near 1)."""
-
-    GROWTH = 100.0
-
-    def __init__(self):
-        self.floor = {}
-
-    def check(self, rec):
-        if rec.get("loss") is not None and not math.isfinite(rec["loss"]):
-            return "the training loss is not finite"
-        grown = []
-        for key, what in (("real_norm", "the synthesizer's target"),
-                          ("synthetic_norm", "the synthetic gradient")):
-            v = rec.get(key)
-            if v is None or v <= 0:
-                continue
-            if not math.isfinite(v):
-                return f"{what} is not finite"
-            floor = self.floor.get(key)
-            self.floor[key] = v if floor is None else min(floor, v)
-            if floor is not None and v > self.GROWTH * floor:
-                grown.append(f"{what} norm grew {v / floor:.0f}x to {v:.2e}")
-        if grown:
-            return ("; ".join(grown) + ": DNI may be diverging (lower dni.bootstrap, "
-                    "dni.sg_scale or optim.lr)")
-        return None
 
 
 def _summary(cfg, task, progress, run_dir, optimizer):
