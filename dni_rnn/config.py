@@ -43,15 +43,40 @@ def _f(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-CORPORA = ("ptb-word", "ptb-char", "copy", "repeat-copy")
+LM_CORPORA = ("ptb-word", "ptb-char", "wikitext-2", "wikitext-103", "text", "hf")
+CORPORA = LM_CORPORA + ("copy", "repeat-copy")
+TOKENIZERS = ("auto", "word", "char", "sentencepiece")
 METHODS = ("bptt", "dni", "dni-aux")
 
 
 @dataclass
 class DataConfig:
-    corpus: str = _f("ptb-word", "what to train on", CORPORA)
-    data_dir: str = _f("", "folder holding ptb/ (or the files); empty: $DNI_RNN_DATA_DIR, "
-                           "the cache, or a download")
+    corpus: str = _f("ptb-word", "what to train on: Penn Treebank, WikiText, local text files "
+                                 "(data.path), a Hugging Face dataset (data.hf_name), or a "
+                                 "synthetic task", CORPORA)
+    data_dir: str = _f("", "folder holding ptb/ or wikitext-2/ (or the files); empty: "
+                           "$DNI_RNN_DATA_DIR, the cache, or a download (WikiText: the HF cache)")
+    tokenizer: str = _f("auto", "token level of wikitext / text / hf; ptb-word and ptb-char "
+                                "carry theirs in the name (another is an error); auto: word, "
+                                "char for ptb-char", TOKENIZERS)
+    vocab_size: int = _f(0, "sentencepiece: the vocabulary size (0: 8000); word / char: keep "
+                            "the most frequent N tokens, the rest become <unk> (0: all); not "
+                            "for PTB")
+    path: str = _f("", "text / hf: a folder holding train, valid (or validation, dev) and test "
+                       "files or subfolders, or a training file, folder or glob whose path "
+                       "says 'train' (valid / test: the same path with 'valid' / 'test')")
+    documents: str = _f("file", "text: one document per file or per line (variable-length "
+                                "examples, one per line); hf: line = one per dataset row, "
+                                "file = each split one stream; the state is zeroed at each "
+                                "document start; PTB and WikiText are one stream",
+                        ("file", "line"))
+    hf_name: str = _f("", "hf: the dataset, e.g. Salesforce/wikitext, or a builder such as "
+                          "text or json reading the files of data.path")
+    hf_config: str = _f("", "hf: the dataset's configuration, e.g. wikitext-103-v1 (empty: none)")
+    hf_split: str = _f("", "hf: our split = the dataset's, e.g. "
+                           "train=train,valid=validation,test=test (empty: train, "
+                           "validation / valid / dev, test)")
+    hf_text_field: str = _f("text", "hf: the column holding the text")
     batch_size: int = _f(20, "parallel streams (language models) or sequences per batch")
     eval_batch_size: int = _f(10, "streams / sequences for validation and test")
     train_tokens: int = _f(0, "use only the first N training tokens (0: all)")
@@ -203,7 +228,9 @@ class Config:
 
     @property
     def metric_name(self):
-        return {"ptb-word": "ppl", "ptb-char": "bpc"}.get(self.data.corpus, "length")
+        if self.data.corpus not in LM_CORPORA:
+            return "length"
+        return "bpc" if data_tokenizer(self.data) == "char" else "ppl"
 
     def run_name(self):
         return f"{self.recipe}-{self.dni.method}-T{self.train.truncation}-s{self.train.seed}"
@@ -344,7 +371,68 @@ def validate(cfg):
     device = cfg.train.device
     need(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    _validate_data(cfg.data, need)
     return cfg
+
+
+def _validate_data(d, need):
+    need(d.vocab_size >= 0, f"data.vocab_size must be >= 0 (0: the default), got {d.vocab_size}")
+    if d.corpus in ("ptb-word", "ptb-char"):
+        level = d.corpus[len("ptb-"):]
+        other = "char" if level == "word" else "word"
+        need(d.tokenizer in ("auto", level),
+             f"data.tokenizer={d.tokenizer} conflicts with data.corpus={d.corpus}, whose level "
+             f"is in its name; use data.corpus=ptb-{other}, data.tokenizer=auto, or "
+             f"data.corpus=text with data.path on the PTB files")
+        need(d.vocab_size == 0, f"data.vocab_size={d.vocab_size}: {d.corpus} has a fixed "
+                                f"vocabulary; leave it 0, or use data.corpus=text with data.path")
+    need(d.corpus != "text" or d.path.strip(),
+         "data.corpus=text needs data.path: a folder with train/valid/test files, or a "
+         "training file, folder or glob whose path says 'train'")
+    need(d.corpus != "hf" or d.hf_name.strip(),
+         "data.corpus=hf needs data.hf_name, e.g. Salesforce/wikitext (with data.hf_config), "
+         "or text (with data.path)")
+    hf_split_map(d)
+
+
+def data_tokenizer(d):
+    """data.tokenizer with "auto" resolved.
+
+    Args:
+        d: a DataConfig.
+    Returns:
+        "word", "char" or "sentencepiece" ("auto": char for ptb-char, else word).
+    """
+    if d.tokenizer != "auto":
+        return d.tokenizer
+    return "char" if d.corpus == "ptb-char" else "word"
+
+
+HF_SPLIT_KEYS = ("train", "valid", "test")
+
+
+def hf_split_map(d):
+    """data.hf_split as `corpora.load_hf`'s split_names.
+
+    Args:
+        d: a DataConfig; hf_split like "train=train,valid=validation,test=test".
+    Returns:
+        {"valid": "validation", ...} (our split -> the dataset's), or None when empty.
+    Raises:
+        ConfigError: an item that is not our_split=dataset_split.
+    """
+    text = d.hf_split.strip()
+    if not text:
+        return None
+    mapping = {}
+    for item in text.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not value or key not in HF_SPLIT_KEYS or key in mapping:
+            raise ConfigError(f"data.hf_split: expected our_split=dataset_split separated by "
+                              f"commas, our splits being {', '.join(HF_SPLIT_KEYS)}; got "
+                              f"{d.hf_split!r}")
+        mapping[key] = value
+    return mapping
 
 
 def target_scale(cfg):
