@@ -14,7 +14,7 @@ from .synthesizers import (
     state_dim,
     synthesizer_context,
 )
-from .tbptt import ChunkMetrics, NonFiniteLossError, TBPTTRunner
+from .tbptt import ChunkMetrics, NonFiniteLossError, TBPTTRunner, evaluate
 from .truncation import FixedTruncation, RandomTruncation
 from .wrapper import DNI
 
@@ -24,7 +24,7 @@ __all__ = [
     "nest", "BackwardInterface", "ForwardInterface", "BidirectionalInterface", "TriggerStats",
     "BasicSynthesizer", "StateSynthesizer", "state_dim", "synthesizer_context",
     "current_context", "DeferredBackward", "defer_backward", "backward",
-    "TBPTTRunner", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
+    "TBPTTRunner", "evaluate", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
     "RandomTruncation", "RNNLanguageModel", "SequenceModel", "CellLoop",
     "LayerNormLSTMCell", "MinimalGRUCell", "DNI",
 ]

@@ -4,10 +4,12 @@
      "config":   Config.to_dict()            plain str/int/float/bool/None
      "model", "synthesizer", "aux_head":     state_dicts (None where absent)
      "optimizer", "synth_optimizer":         state_dicts (None where absent)
-     "runner":   TBPTTRunner.state_dict()    step count, truncation schedule's generator
+     "runner":   TBPTTRunner.state_dict()    the step count (the run's only one), the
+                                             truncation schedule's generator, beta in
+                                             force, target RMS, guard
      "vocab":    Vocabulary.state_dict()     (None for synthetic tasks)
      "task":     the task's own state        (curriculum, data generator)
-     "progress": step, epoch, position in the epoch, tokens seen, best metric, ...
+     "progress": epoch, position in the stream, tokens seen, best score, ...
      "hidden":   the carried recurrent state (nested tuple of tensors) or None
      "stream":   how the current synthetic block was drawn, or None
      "rng":      torch / CUDA / python / numpy generator states (python's as lists)}
@@ -18,6 +20,7 @@ the target, so a kill during a write leaves the old file (or none), never a brok
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -25,9 +28,12 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from corpora.paths import atomic_write
+
+from . import nest
 
 FORMAT = "dni_rnn-checkpoint"
 VERSION = 1
@@ -172,12 +178,8 @@ def rng_state():
     state = {"torch": torch.get_rng_state(),
              "python": [version, list(internal), gauss],
              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    try:
-        import numpy as np
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    except ImportError:  # pragma: no cover
-        state["numpy"] = None
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     return state
 
 
@@ -189,6 +191,61 @@ def set_rng_state(state):
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if state.get("numpy") is not None:
-        import numpy as np
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---- a training run ------------------------------------------------------------------------
+
+def _state_dict(module):
+    return module.state_dict() if module is not None else None
+
+
+def run_state(run):
+    """A `run.Run` as a checkpoint: plain dicts of tensors and values."""
+    to_cpu = (lambda s: None if s is None else
+              nest.map_state(lambda t: t.detach().cpu(), s))
+    return {
+        "format": FORMAT, "version": VERSION,
+        "config": run.cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "synthesizer": _state_dict(run.synth),
+        "aux_head": _state_dict(run.aux),
+        "optimizer": run.optimizer.state_dict(),
+        "synth_optimizer": _state_dict(run.synth_optimizer),
+        "runner": run.runner.state_dict(),
+        "vocab": run.task.vocab.state_dict() if run.task.vocab is not None else None,
+        "task": run.task.state_dict(),
+        "progress": dataclasses.asdict(run.progress),
+        "hidden": to_cpu(run.state),
+        "stream": run.task.stream_state() if run.stream is not None else None,
+        "rng": rng_state(),
+    }
+
+
+def restore_run(run, path):
+    """Load `path` into a set-up `run.Run` (its modules built, nothing trained)."""
+    c = load(path, map_location=run.device)
+    check_compatible(c["config"], run.cfg.to_dict(), path)
+    check_vocab(c["vocab"], run.task.vocab, path)
+    try:
+        run.model.load_state_dict(c["model"])
+        for module, key in ((run.synth, "synthesizer"), (run.aux, "aux_head"),
+                            (run.optimizer, "optimizer"),
+                            (run.synth_optimizer, "synth_optimizer")):
+            if module is not None:
+                module.load_state_dict(c[key])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first[:200]})") \
+            from None
+    run.runner.load_state_dict(c["runner"])
+    run.task.load_state_dict(c["task"])
+    progress = dict(c["progress"])
+    progress.pop("step", None)  # checkpoints before the runner's counter was the only one
+    run.progress = type(run.progress)(**progress)
+    run.state = run.stream = None
+    if c["hidden"] is not None:
+        run.state = nest.map_state(lambda t: t.to(run.device), c["hidden"])
+        run.stream = run.task.load_stream_state(c["stream"], run.device)
+    set_rng_state(c["rng"])

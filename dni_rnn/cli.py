@@ -132,13 +132,7 @@ def cmd_evaluate(args):
     if args.json:
         print(json.dumps(r))
         return 0
-    m = r["metric"]
-    if m == "length":
-        text = f"{r['error']:.3f} wrong bits per sequence at N={r['at_length']} " \
-               f"(longest solved {r['length']})"
-    else:
-        text = f"{m} {r[m]:.3f} (loss {r['loss']:.4f})" if m == "bpc" else \
-            f"{m} {r[m]:.2f} (loss {r['loss']:.4f})"
+    text = r["text"]
     print(f"{r['recipe']} {r['split']}: {text} | {r['checkpoint']} at step {r['step']}")
     return 0
 
@@ -168,7 +162,8 @@ def cmd_recipes(args):
 
 def run_demo(cfg, args):
     """Copy task, plain TBPTT then DNI at the same T: who learns the longer dependency?"""
-    from .training import format_summary, train
+    from .run import format_summary
+    from .training import train
 
     out = Path(args.out or "runs/demo")
     T = cfg.train.truncation

@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 
 from .config import ConfigError, METHODS, validate
+from .tasks import METRICS, PERPLEXITY
 from .training import train
 
 
@@ -90,9 +91,9 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
                 else:
                     say(f"[{k}/{total}] {method} T={T} seed={seed}: done before, reused")
                 runs.append({"method": method, "T": T, "seed": seed, "summary": summary,
-                             "curve": _curve(run_dir)})
+                             "curve": _curve(run_dir, summary["metric"])})
     rows = _rows(runs, methods, truncations)
-    metric = runs[0]["summary"]["metric"]
+    metric = METRICS[runs[0]["summary"]["metric"]]
     write_tables(rows, metric, out, budget, seeds)
     plotted = plot(runs, metric, out)
     say(f"wrote {out / 'results.md'} and {out / 'results.csv'}"
@@ -110,13 +111,12 @@ def _finished(run_dir, cfg):
     return json.loads(path.read_text())
 
 
-def _curve(run_dir):
-    """[(tokens, updates, value)] of the run's validations; value: ppl / bpc / length."""
+def _curve(run_dir, metric):
+    """[(tokens, updates, value)] of the run's validations; value: the task's metric."""
     points = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("kind") == "eval" and rec.get("split") == "valid":
-            metric = next(k for k in ("ppl", "bpc", "length") if k in rec)
             points.append((rec["tokens"], rec["updates"], rec[metric]))
     return points
 
@@ -134,16 +134,11 @@ def _rows(runs, methods, truncations):
         for T in truncations:
             group = [r for r in runs if r["method"] == method and r["T"] == T]
             s = [r["summary"] for r in group]
-            m = s[0]["metric"]
             row = {"method": method, "T": T, "seeds": len(group),
                    "updates": s[0]["steps"], "tokens": s[0]["tokens"]}
-            if m == "length":
-                row["best"], row["best_std"] = _mean_std([x["best_length"] for x in s])
-                row["final"], row["final_std"] = row["best"], row["best_std"]
-            else:
-                row["final"], row["final_std"] = _mean_std([r["curve"][-1][2] for r in group])
-                row["best"], row["best_std"] = _mean_std([x[f"best_valid_{m}"] for x in s])
-                row["test"], row["test_std"] = _mean_std([x.get(f"test_{m}") for x in s])
+            row["best"], row["best_std"] = _mean_std([x["best_metric"] for x in s])
+            row["final"], row["final_std"] = _mean_std([r["curve"][-1][2] for r in group])
+            row["test"], row["test_std"] = _mean_std([x.get("test_metric") for x in s])
             row["tokens_per_s"], _ = _mean_std([x["tokens_per_s"] for x in s])
             rows.append(row)
     return rows
@@ -152,29 +147,29 @@ def _rows(runs, methods, truncations):
 def _fmt(v, sd, metric):
     if v is None or math.isnan(v):
         return "-"
-    digits = 3 if metric == "bpc" else (1 if metric == "length" else 2)
+    digits = max(metric.digits, 1)  # means over seeds of a whole-number metric need one
     text = f"{v:.{digits}f}"
     return text + (f" ± {sd:.{digits}f}" if sd else "")
 
 
 def write_tables(rows, metric, out, budget, seeds):
     """results.md (Markdown) and results.csv (one row per method and T)."""
-    higher = metric == "length"
-    what = {"ppl": "perplexity", "bpc": "bits per character",
-            "length": "longest copy length solved"}[metric]
+    measured = metric.from_loss is None  # by the task itself, at validation only
     head = ["method", "T", "seeds", "updates", "tokens"]
-    if higher:
-        head += ["longest solved"]
+    if measured:
+        head += [metric.column]
     else:
-        head += [f"final valid {metric}", f"best valid {metric}", f"test {metric}"]
+        head += [f"final valid {metric.column}", f"best valid {metric.column}",
+                 f"test {metric.column}"]
     head += ["tokens/s"]
-    lines = [f"# Truncation sweep: {what} ({'higher' if higher else 'lower'} is better)", "",
+    direction = "higher" if metric.higher_is_better else "lower"
+    lines = [f"# Truncation sweep: {metric.label} ({direction} is better)", "",
              f"Budget {budget:,} training tokens per run; seeds {', '.join(map(str, seeds))} "
              "(mean ± standard deviation).", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [r["method"], str(r["T"]), str(r["seeds"]), f"{r['updates']:,}", f"{r['tokens']:,}"]
-        if higher:
+        if measured:
             cells += [_fmt(r["best"], r["best_std"], metric)]
         else:
             cells += [_fmt(r["final"], r["final_std"], metric), _fmt(r["best"], r["best_std"], metric),
@@ -188,7 +183,7 @@ def write_tables(rows, metric, out, budget, seeds):
         w = csv.DictWriter(fh, fieldnames=["metric"] + keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({"metric": metric, **{k: r.get(k, "") for k in keys}})
+            w.writerow({"metric": metric.name, **{k: r.get(k, "") for k in keys}})
 
 
 def plot(runs, metric, out):
@@ -202,8 +197,7 @@ def plot(runs, metric, out):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    label = {"ppl": "validation perplexity", "bpc": "validation bits per character",
-             "length": "longest copy length solved"}[metric]
+    label = metric.label if metric.from_loss is None else f"validation {metric.label}"
     groups = {}
     for r in runs:
         groups.setdefault((r["method"], r["T"]), []).append(r["curve"])
@@ -226,7 +220,7 @@ def plot(runs, metric, out):
                     label=f"{method} T={T}")
         ax.set_xlabel(x_label)
         ax.set_ylabel(label)
-        if metric == "ppl":
+        if metric is PERPLEXITY:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)

@@ -1,15 +1,19 @@
 """Recipes' wiring: a corpus or synthetic task -> streams, a model, a loss and a metric.
 
-The training loop (`training.py`) knows nothing about language models or copy tasks; it
-asks a task for
+The task contract. A run (`run.py`) knows nothing about language models or copy tasks;
+it asks a task for
 
-    train_stream()   -> Stream: inputs (N, B, ...), targets (N, B, ...), resets (N, B) | None
-                        the runner cuts it into chunks of T steps and carries the state
-    build_model()    -> a module `forward(inputs, state) -> (outputs, state)` with init_state
+    train_stream(device) -> Stream: inputs (N, B, ...), targets (N, B, ...), resets (N, B)
+                            | None; the runner walks it in chunks of T, carrying the state
+    build_model()        -> a module `forward(inputs, state) -> (outputs, state)`
     loss_fn(outputs, targets) -> the chunk's mean loss
-    evaluate(runner, split)   -> {"loss": ..., metric: ...}
+    evaluate(model, split, device) -> {"loss": ..., metric.name: ..., ...}
+    metric               a `Metric`: name, label, digits, direction, from_loss
+    score(result), higher_is_better   what "best" means (checkpoints, early stopping)
+    epoch_based, decays_lr, has_test, done   how the run is budgeted and finished
+    result_text(result), summary(best), postfix(record)   the task's own words
 
-Language models (PTB word / char): the training split is one long stream batchified into
+Language models (PTB, WikiText, text files, HF datasets): the training split is one long stream batchified into
 B columns (word_language_model's layout); one stream is one epoch, the same every epoch.
 
 Copy / Repeat Copy (Graves et al. 2014, as in Jaderberg et al. 2016 Sec. 3.1): each stream
@@ -21,15 +25,44 @@ length solved: validation error below `task.threshold` wrong bits per sequence.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
+from .config import LM_CORPORA, ConfigError
 from .models import RNNLanguageModel, SequenceModel
+from .tbptt import evaluate
 
 LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a task reports: its name in logs and JSONL, a label for sentences and plots, a
+    short column heading, the digits shown, its direction, and how it follows from the mean
+    loss (None: the task measures it itself)."""
+
+    name: str
+    label: str
+    column: str
+    digits: int
+    higher_is_better: bool
+    from_loss: Optional[Callable[[float], float]] = None
+
+    def format(self, value, width=0):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return f"{'-':>{width}}"
+        if isinstance(value, int):
+            return f"{value:{width}d}"
+        return f"{value:{width}.{self.digits}f}"
+
+
+PERPLEXITY = Metric("ppl", "perplexity", "ppl", 2, False, lambda loss: math.exp(min(loss, 50.0)))
+BITS_PER_CHAR = Metric("bpc", "bits per character", "bpc", 3, False, lambda loss: loss / LN2)
+LENGTH_SOLVED = Metric("length", "longest length solved", "longest solved", 0, True)
+METRICS = {m.name: m for m in (PERPLEXITY, BITS_PER_CHAR, LENGTH_SOLVED)}
 
 
 class Stream(NamedTuple):
@@ -43,46 +76,40 @@ class Stream(NamedTuple):
 def build_task(cfg, data_dir=None):
     """The task of `cfg.data.corpus` (loads the corpus: may raise corpora.CorpusError)."""
     corpus = cfg.data.corpus
-    if corpus in ("ptb-word", "ptb-char"):
+    if corpus in LM_CORPORA:
         return LanguageModelTask(cfg, data_dir)
     if corpus in ("copy", "repeat-copy"):
         return CopyTask(cfg)
     raise ConfigError(f"data.corpus: unknown corpus {corpus!r}")  # pragma: no cover
 
 
-def _limit(ids, n):
-    return ids[:n] if n and n > 0 else ids
-
-
 class LanguageModelTask:
-    """Penn Treebank language modelling, perplexity (word) or bits per character (char)."""
+    """Language modelling (PTB, WikiText, text files, HF datasets; `lm_data.py`), perplexity
+    (words, subwords) or bits per character (characters)."""
 
-    higher_is_better = False
-    synthetic = False
+    epoch_based = True       # one stream is one epoch; train.epochs counts them
+    decays_lr = True         # optim.plateau_* lowers the lr when validation stalls
+    has_test = True
+    done = False
+    higher_is_better = False  # of the score: the validation loss
 
     def __init__(self, cfg, data_dir=None):
-        import corpora
+        from .lm_data import load_lm_data
 
         self.cfg = cfg
-        level = "word" if cfg.data.corpus == "ptb-word" else "char"
-        self.metric = "ppl" if level == "word" else "bpc"
-        directory = data_dir or cfg.data.data_dir or None
-        self.corpus = corpora.load_ptb(level, data_dir=directory, progress=False)
-        self.vocab = self.corpus.vocab
-        B, E = cfg.data.batch_size, cfg.data.eval_batch_size
-        # ids -> (N, B) columns; inputs are rows [0, N-1), targets rows [1, N)
-        self.train = corpora.batchify(_limit(self.corpus.train, cfg.data.train_tokens), B)
-        self.splits = {
-            "valid": corpora.batchify(_limit(self.corpus.valid, cfg.data.valid_tokens), E),
-            "test": corpora.batchify(_limit(self.corpus.test, cfg.data.test_tokens), E),
-        }
-        if self.train.shape[0] < 2:
-            raise ConfigError(f"data.train_tokens={cfg.data.train_tokens} leaves no training "
-                              f"stream for data.batch_size={B}")
+        # ids (N, B) train / (N, E) valid, test; inputs rows [0, N-1), targets rows [1, N);
+        # resets (N, B) / (N, E) bool document starts, or None
+        self.data = load_lm_data(cfg.data, data_dir)
+        self.corpus, self.vocab = self.data.corpus, self.data.vocab
+        self.metric = METRICS[self.data.metric]
+        self.train = self.data.train
+        self.splits = {"valid": self.data.valid, "test": self.data.test}
 
     def describe(self):
-        return (f"{self.corpus.name}: {len(self.vocab)} types, train {self.corpus.train.numel():,} "
-                f"tokens as {tuple(self.train.shape)} streams")
+        docs = self.data.resets
+        return (f"{self.data.name}: {len(self.vocab)} types, train {self.corpus.train.numel():,} "
+                f"tokens as {tuple(self.train.shape)} streams"
+                + (f", {int(docs.sum()):,} document starts" if docs is not None else ""))
 
     def build_model(self):
         m = self.cfg.model
@@ -98,19 +125,40 @@ class LanguageModelTask:
         return self.train.shape[0] - 1
 
     def train_stream(self, device):
-        data = self.train.to(device)
-        return Stream(data[:-1], data[1:], None)
+        data, resets = self.train.to(device), self.data.resets
+        return Stream(data[:-1], data[1:], resets[:-1].to(device) if resets is not None else None)
 
-    def metric_of(self, loss):
-        if self.metric == "bpc":
-            return loss / LN2
-        return math.exp(min(loss, 50.0))
-
-    def evaluate(self, runner, split, device):
+    def evaluate(self, model, split, device):
         """Mean loss over a whole split, the state carried across chunks of T."""
-        data = self.splits[split].to(device)
-        loss, _ = runner.evaluate(data[:-1], data[1:], chunk_length=self.cfg.train.truncation)
-        return {"loss": loss, self.metric: self.metric_of(loss)}
+        data, resets = self.data.split(split)
+        data = data.to(device)
+        resets = resets[:-1].to(device) if resets is not None else None
+        loss, _ = evaluate(model, self.loss_fn, data[:-1], data[1:], resets=resets,
+                           chunk_length=self.cfg.train.truncation)
+        return {"loss": loss, self.metric.name: self.metric.from_loss(loss)}
+
+    @staticmethod
+    def score(result):
+        return result["loss"]
+
+    def metric_of_score(self, score):
+        return None if score is None else self.metric.from_loss(score)
+
+    def result_text(self, result, best=None):
+        """`ppl 123.45 (loss 4.8158)`; during training `loss ... | ppl ... | best ...`."""
+        m = self.metric
+        value = m.format(result[m.name])
+        if best is None:
+            return f"{m.name} {value} (loss {result['loss']:.4f})"
+        return (f"loss {result['loss']:.4f} | {m.name} {value} | best "
+                f"{m.format(self.metric_of_score(best))}")
+
+    def postfix(self, rec):
+        return {self.metric.name: self.metric.format(rec.get(self.metric.name))}
+
+    def summary(self, best):
+        return {"best_valid_loss": best,
+                f"best_valid_{self.metric.name}": self.metric_of_score(best)}
 
     # a corpus task has no state of its own: its streams are the same every epoch
     def state_dict(self):
@@ -129,9 +177,11 @@ class LanguageModelTask:
 class CopyTask:
     """Copy or Repeat Copy with a curriculum on the sequence length N."""
 
-    higher_is_better = True
-    synthetic = True
-    metric = "length"
+    epoch_based = False      # fresh blocks of episodes until the budget or the curriculum ends
+    decays_lr = False        # the paper's curriculum runs without learning-rate decay
+    has_test = False
+    higher_is_better = True  # of the score: the longest length solved
+    metric = LENGTH_SOLVED
     vocab = None
 
     def __init__(self, cfg):
@@ -220,14 +270,31 @@ class CopyTask:
         self._stream_seed = state
         return stream
 
-    def metric_of(self, loss):
-        return self.solved
+    @staticmethod
+    def score(result):
+        return result["length"]
+
+    @staticmethod
+    def metric_of_score(score):
+        return score
+
+    @staticmethod
+    def result_text(result, best=None):
+        return (f"N={result['at_length']:<4d} error {result['error']:7.3f} bits/seq"
+                f" | longest solved {result['length']}")
+
+    def postfix(self, rec):
+        return {"N": self.length, "solved": self.solved}
+
+    def summary(self, best):
+        return {"best_length": best, "final_length": self.length,
+                "final_error": self.last_error,
+                "detail": f"curriculum at N={self.length}, error {self.last_error:.3f} bits/seq"}
 
     @torch.no_grad()
-    def evaluate(self, runner, split, device):
+    def evaluate(self, model, split, device):
         """Wrong bits per sequence on fixed episodes at the current length; the curriculum
         moves on once it is below the threshold."""
-        model = runner.model
         seed = {"valid": 1_000_003, "test": 2_000_003}[split] + self.length
         batch = self._block(self.cfg.task.eval_sequences, self.length,
                             torch.Generator().manual_seed(seed))

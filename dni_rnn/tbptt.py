@@ -323,48 +323,47 @@ class TBPTTRunner:
             return float(tokens)
         return float(self.target_scale)
 
-    # ---- forward with resets -----------------------------------------------------------
-
     def _forward(self, inputs, state, resets, split_first=False):
-        """Run the model over a chunk, zeroing streams' state where `resets` says.
-
-        Returns (outputs, state, the state after the first segment: step 1 with split_first).
-        """
-        T = inputs.shape[0]
-        cuts = {0, T}
-        if resets is not None:
-            cuts.update(int(t) for t in torch.nonzero(resets.any(dim=1)).flatten().tolist())
-        if split_first and T > 1:
-            cuts.add(1)
-        cuts = sorted(cuts)
-        outputs, first = [], None
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            if resets is not None:
-                state = self._zero_streams(state, resets[a])
-            out, state = self.model(inputs[a:b], state)
-            outputs.append(out)
-            if first is None:
-                first = state
-        outputs = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-        return outputs, state, first
+        return forward_with_resets(self.model, inputs, state, resets, self.batch_dim, split_first)
 
     def _zero_streams(self, state, mask):
-        """Zero the streams where `mask` (B,) is True, keeping the graph elsewhere."""
-        if not bool(mask.any()):
-            return state
-
-        def zero(t):
-            dim = nest.batch_dimension(t, self.batch_dim)
-            shape = [1] * t.dim()
-            shape[dim] = -1
-            return t * (~mask).to(t.dtype).reshape(shape)
-
-        return nest.map_state(zero, state)
+        return zero_streams(state, mask, self.batch_dim)
 
     # ---- whole streams -----------------------------------------------------------------
 
+    def walk(self, inputs, targets, state=None, resets=None, start=0, final=True):
+        """Train chunk by chunk from step `start`: the one chunk walk, resumable.
+
+        A generator: after each chunk it yields `(end, state, metrics)`, where `end` is the
+        position the next chunk starts from and `state` the carried (detached) state.
+        Stop iterating at any point; `walk(..., state=state, start=end)` goes on from there
+        (the truncation schedule's and the runner's own state live in `state_dict()`).
+
+        Args:
+            inputs, targets: `(N, B, ...)` time-major streams.
+            state: the state entering step `start` (None: `model.init_state(B)`).
+            resets: optional `(N, B)` bool marks of sequence starts (state zeroed there).
+            start: the step to start from.
+            final: the streams end at N: no synthetic gradient after the last chunk.
+        """
+        self._check_streams(inputs, targets, resets)
+        state = self._initial_state(inputs, state)
+        self.model.train()
+        if self.interface is not None:
+            self.interface.train()
+        a, N = start, inputs.shape[0]
+        while a < N:
+            b = min(a + self._next_length(), N)
+            state, metrics = self.train_chunk(
+                inputs[a:b], targets[a:b], state,
+                resets=resets[a:b] if resets is not None else None,
+                future=b < N or not final,
+                next_resets=resets[b] if resets is not None and b < N else None)
+            yield b, state, metrics
+            a = b
+
     def run(self, inputs, targets, state=None, resets=None, on_chunk=None, final=True):
-        """Train over time-major streams chunk by chunk.
+        """Train over time-major streams chunk by chunk (all of `walk`).
 
         Args:
             inputs, targets: `(N, B, ...)`.
@@ -375,50 +374,19 @@ class TBPTTRunner:
         Returns:
             (state, list of ChunkMetrics)
         """
-        self._check_streams(inputs, targets, resets)
-        state = self._initial_state(inputs, state)
-        self.model.train()
-        if self.interface is not None:
-            self.interface.train()
-        history, a, N = [], 0, inputs.shape[0]
-        while a < N:
-            b = min(a + self._next_length(), N)
-            more = b < N or not final
-            next_resets = resets[b] if resets is not None and b < N else None
-            state, metrics = self.train_chunk(
-                inputs[a:b], targets[a:b], state,
-                resets=resets[a:b] if resets is not None else None,
-                future=more, next_resets=next_resets)
+        history = []
+        for _, state, metrics in self.walk(inputs, targets, state, resets, final=final):
             history.append(metrics)
             if on_chunk is not None:
                 on_chunk(metrics)
-            a = b
         return state, history
 
-    @torch.no_grad()
     def evaluate(self, inputs, targets, state=None, resets=None, chunk_length=None):
-        """Mean loss over time-major streams (weighted by tokens), no updates.
-
-        Returns:
-            (mean loss, final state)
-        """
+        """`evaluate(self.model, self.loss_fn, ...)` in chunks of T (see the free function)."""
         self._check_streams(inputs, targets, resets)
         state = self._initial_state(inputs, state)
-        was_training = self.model.training
-        self.model.eval()
-        length = chunk_length or self._eval_length()
-        total, count, N = 0.0, 0, inputs.shape[0]
-        try:
-            for a in range(0, N, length):
-                b = min(a + length, N)
-                outputs, state, _ = self._forward(inputs[a:b], state,
-                                               resets[a:b] if resets is not None else None)
-                tokens = (b - a) * inputs.shape[1]
-                total += self.loss_fn(outputs, targets[a:b]).item() * tokens
-                count += tokens
-        finally:
-            self.model.train(was_training)
-        return total / max(count, 1), state
+        return evaluate(self.model, self.loss_fn, inputs, targets, state, resets,
+                        chunk_length or self._eval_length(), self.batch_dim)
 
     def _eval_length(self):
         return getattr(self.schedule, "length", 35)
@@ -467,3 +435,83 @@ class TBPTTRunner:
             if self.guard is not None and state["guard"] is not None:
                 self.guard.load_state_dict(state["guard"])
             self.recoveries = int(state["recoveries"])
+
+
+# ---- shared by training and evaluation ------------------------------------------------
+
+def zero_streams(state, mask, batch_dim=None):
+    """Zero the streams where `mask` (B,) is True, keeping the graph elsewhere."""
+    if not bool(mask.any()):
+        return state
+
+    def zero(t):
+        dim = nest.batch_dimension(t, batch_dim)
+        shape = [1] * t.dim()
+        shape[dim] = -1
+        return t * (~mask).to(t.dtype).reshape(shape)
+
+    return nest.map_state(zero, state)
+
+
+def forward_with_resets(model, inputs, state, resets=None, batch_dim=None, split_first=False):
+    """Run `model` over a chunk, zeroing streams' state where `resets` says.
+
+    The chunk is cut at every step where some stream restarts (and after step 1 with
+    `split_first`); each piece runs as one call, so fused kernels stay fused.
+
+    Returns:
+        (outputs, state, the state after the first piece: step 1 with split_first)
+    """
+    T = inputs.shape[0]
+    cuts = {0, T}
+    if resets is not None:
+        cuts.update(int(t) for t in torch.nonzero(resets.any(dim=1)).flatten().tolist())
+    if split_first and T > 1:
+        cuts.add(1)
+    cuts = sorted(cuts)
+    outputs, first = [], None
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if resets is not None:
+            state = zero_streams(state, resets[a], batch_dim)
+        out, state = model(inputs[a:b], state)
+        outputs.append(out)
+        if first is None:
+            first = state
+    outputs = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    return outputs, state, first
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, inputs, targets, state=None, resets=None, chunk_length=35,
+             batch_dim=None):
+    """Mean loss over time-major streams, weighted by tokens; no optimizer, no update.
+
+    The state is carried across chunks of `chunk_length` steps (the length changes memory
+    and speed, not the result, except through resets) and zeroed where `resets` says.
+
+    Args:
+        model: `forward(inputs, state) -> (outputs, state)`.
+        loss_fn: `loss_fn(outputs, targets) -> mean loss`.
+        inputs, targets: `(N, B, ...)` time-major.
+        state: the initial state (None: `model.init_state(B)`).
+        resets: optional `(N, B)` bool.
+    Returns:
+        (mean loss, final state)
+    """
+    if state is None:
+        state = model.init_state(inputs.shape[1])
+    was_training = model.training
+    model.eval()
+    total, count, N = 0.0, 0, inputs.shape[0]
+    try:
+        for a in range(0, N, chunk_length):
+            b = min(a + chunk_length, N)
+            outputs, state, _ = forward_with_resets(
+                model, inputs[a:b], state, resets[a:b] if resets is not None else None,
+                batch_dim)
+            tokens = (b - a) * inputs.shape[1]
+            total += loss_fn(outputs, targets[a:b]).item() * tokens
+            count += tokens
+    finally:
+        model.train(was_training)
+    return total / max(count, 1), state

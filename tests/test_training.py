@@ -63,7 +63,7 @@ def test_resume_after_a_kill_is_bit_exact(recipe, overrides, ptb_dir, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         train(load_recipe(recipe, overrides), out_dir=tmp_path / "cut", data_dir=data, quiet=True)
     monkeypatch.undo()
-    assert ckpt.load(tmp_path / "cut" / "last.pt")["progress"]["step"] == 10
+    assert ckpt.load(tmp_path / "cut" / "last.pt")["runner"]["step"] == 10
     again = train(load_recipe(recipe, overrides), out_dir=tmp_path / "cut", resume=True,
                   data_dir=data, quiet=True)
     a, b = _records(tmp_path / "whole"), _records(tmp_path / "cut")
