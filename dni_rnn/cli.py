@@ -1,14 +1,15 @@
 """`dni-rnn` on the command line: train, evaluate, compare, recipes.
 
     dni-rnn train [RECIPE] [--set section.key=value ...] [--data-dir D] [--out RUN_DIR] [--resume]
+    dni-rnn demo [--set section.key=value ...] [--out DIR]
     dni-rnn evaluate RUN_DIR_OR_CHECKPOINT [--split test] [--data-dir D]
     dni-rnn compare RECIPE --truncations 2,3,5 --methods bptt,dni [--budget-tokens N]
                     [--seeds 1,2] [--out DIR]
     dni-rnn recipes
 
-RECIPE is a shipped recipe's name (`dni-rnn recipes`) or a path to a TOML file. Without
-one, `train` runs the demo: the copy task with plain TBPTT and with DNI at the same short
-T, and says which learned the longer dependency.
+RECIPE is a shipped recipe's name (`dni-rnn recipes`) or a path to a TOML file. `demo`
+(also `train` without a recipe) trains the `demo` recipe twice, with plain TBPTT and with
+DNI at the same short T, and says which learned the longer dependency.
 
 Problems a user can fix (a bad recipe, key or value, missing data, a corrupt or foreign
 checkpoint, an unwritable directory) end the program with one line on stderr and exit
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 PROG = "dni-rnn"
-DEMO = "demo"
+DEMO_RECIPE = "demo"
 
 
 def _user_errors():
@@ -55,6 +56,12 @@ def build_parser():
     t.add_argument("--out", help="run directory (default runs/<recipe>-<method>-T<T>-s<seed>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="the copy-task demo: plain TBPTT and DNI at the same T")
+    common(d)
+    d.add_argument("--out", help="output directory (default runs/demo)")
+    d.add_argument("--resume", action="store_true", help="continue the demo's runs in --out")
+    d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("evaluate", help="evaluate a run's best checkpoint on a split")
     e.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -116,10 +123,9 @@ def cmd_train(args):
     from .config import load_recipe
     from .training import train
 
-    name = args.recipe or DEMO
-    cfg = load_recipe(name, args.overrides)
-    if cfg.recipe == DEMO:
-        return run_demo(cfg, args)
+    if args.recipe is None:  # `dni-rnn train` alone: the demo, the README's first command
+        return cmd_demo(args)
+    cfg = load_recipe(args.recipe, args.overrides)
     train(cfg, out_dir=args.out, resume=args.resume, data_dir=args.data_dir)
     return 0
 
@@ -160,11 +166,13 @@ def cmd_recipes(args):
     return 0
 
 
-def run_demo(cfg, args):
+def cmd_demo(args):
     """Copy task, plain TBPTT then DNI at the same T: who learns the longer dependency?"""
+    from .config import load_recipe
     from .run import format_summary
     from .training import train
 
+    cfg = load_recipe(DEMO_RECIPE, args.overrides)
     out = Path(args.out or "runs/demo")
     T = cfg.train.truncation
     N = cfg.task.start_length
@@ -184,7 +192,7 @@ def run_demo(cfg, args):
                   data_dir=args.data_dir, quiet=True)
         results[method] = s
         print(format_summary(s)[1], f"({s['elapsed_s']:.0f}s)", flush=True)
-    b, d = results["bptt"]["best_length"] or 0, results["dni"]["best_length"] or 0
+    b, d = results["bptt"]["best_metric"] or 0, results["dni"]["best_metric"] or 0
     if d > b:
         verdict = f"DNI learned the longer dependency: copies of length {d} against {b} for TBPTT"
     elif b > d:

@@ -39,6 +39,11 @@ class ConfigError(ValueError):
         super().__init__(" ".join(str(message).splitlines()))
 
 
+class NumberOrMode(str):
+    """A field that takes a number or one of a few words (`dni.target_scale`): TOML writes
+    `1000` or `"rms"`; the value is kept as a float or the word."""
+
+
 def _f(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -116,7 +121,7 @@ class DNIConfig:
                                                  "(free, the stable setting)")
     synth_layers: int = _f(1, "hidden layers of the MLP synthesizer (0: linear)")
     synth_hidden: int = _f(0, "units per synthesizer hidden layer (0: the state size)")
-    target_scale: str = _f("rms", "units of the synthesizer's targets: rms (divided by their "
+    target_scale: NumberOrMode = _f("rms", "units of the synthesizer's targets: rms (divided by their "
                                   "running RMS), raw, sum, or a number")
     sg_cap: float = _f(1.0, "cap on each stream's synthetic gradient, in running RMS norms of "
                             "the real gradients at the triggers (0: no cap)")
@@ -267,13 +272,23 @@ def _unwrap_optional(tp):
 
 def _type_name(tp):
     inner, optional = _unwrap_optional(tp)
-    return inner.__name__ + (" or none" if optional else "")
+    name = "number or word" if inner is NumberOrMode else inner.__name__
+    return name + (" or none" if optional else "")
 
 
 def coerce(value, tp, key):
     """Check (TOML values) or parse (strings from --set) `value` as type `tp`."""
     inner, optional = _unwrap_optional(tp)
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if inner is NumberOrMode:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, str):
+            raise bad
+        try:
+            return float(value)
+        except ValueError:
+            return value.strip()
     if isinstance(value, str) and inner is not str:
         text = value.strip()
         if optional and text.lower() in ("none", "null", ""):
@@ -366,6 +381,10 @@ def validate(cfg):
     need(cfg.model.embed_dim == cfg.model.hidden_dim or not cfg.model.tie_weights,
          "model.tie_weights needs model.embed_dim == model.hidden_dim")
     need(cfg.train.log_interval >= 1, "train.log_interval must be >= 1")
+    for key in ("max_steps", "max_tokens", "eval_interval", "eval_tokens", "early_stop"):
+        value = getattr(cfg.train, key)
+        need(value >= 0, f"train.{key} must be >= 0 (0: off), got {value}")
+    need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
     need(cfg.task.start_length >= 1 and cfg.task.length_step >= 1,
          "task.start_length and task.length_step must be >= 1")
     device = cfg.train.device
@@ -440,10 +459,9 @@ def target_scale(cfg):
     value = cfg.dni.target_scale
     if value in ("rms", "raw", "sum"):
         return value
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigError(f"dni.target_scale must be rms, raw, sum or a number, got {value!r}") from None
+    if isinstance(value, float) and value > 0:
+        return value
+    raise ConfigError(f"dni.target_scale must be rms, raw, sum or a number > 0, got {value!r}")
 
 
 # ---- recipes ---------------------------------------------------------------------------

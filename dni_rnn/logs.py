@@ -97,8 +97,10 @@ class RunLog:
         self.write_line = (lambda line: None) if quiet else printer()
         if resume_step is None:
             self.path.write_text("")
-        else:  # drop what a killed run logged after its last checkpoint
-            kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
+        else:  # drop what a killed run logged after its last checkpoint, and the test
+            # record of a run that ended: the resumed run tests again when it ends
+            kept = [r for r in self.read() if r.get("step", 0) <= resume_step
+                    and r.get("split") != "test"]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.tb = None
         if tensorboard:

@@ -7,8 +7,9 @@
         optimizer.zero_grad(); loss.backward(); optimizer.step()
 
 No deferred block is needed: the synthetic gradient for the outgoing state rides on the
-backward pass of the outputs (a node that is the identity on `outputs` and, in backward,
-also sends `sg_scale * g_hat` into the outgoing state). The bootstrap weight is therefore
+backward pass (a node that is the identity on `outputs` and the outgoing state and, in
+backward, adds `sg_scale * g_hat` to the state's gradient once, whichever of them the loss
+uses: the outputs, the final hidden state as a classifier would, or both). The bootstrap weight is therefore
 `sg_scale` (one pass); use `TBPTTRunner` for a separate lambda, resets and metrics.
 """
 import torch
@@ -21,14 +22,17 @@ from .synthesizers import StateSynthesizer, state_dim
 
 
 class _AttachSyntheticGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, outputs, grads, *states):
-        ctx.grads = grads
-        return outputs.view_as(outputs)
+    """Identity on (outputs, *states); backward adds the synthetic gradients to the states'."""
 
     @staticmethod
-    def backward(ctx, grad_outputs):
-        return (grad_outputs, None, *ctx.grads)
+    def forward(ctx, grads, outputs, *states):
+        ctx.grads = grads
+        return (outputs.view_as(outputs), *(s.view_as(s) for s in states))
+
+    @staticmethod
+    def backward(ctx, grad_outputs, *grad_states):
+        # unused outputs arrive as zeros (materialised grads), so the sum is always defined
+        return (None, grad_outputs, *(g + sg for g, sg in zip(grad_states, ctx.grads)))
 
 
 class DNI(nn.Module):
@@ -63,8 +67,8 @@ class DNI(nn.Module):
         outputs, new_state = self.rnn(inputs, trigger)
         g_hat = self.interface.synthesize(new_state)
         grads = tuple(self.sg_scale * g for g in nest.flatten(g_hat))
-        outputs = _AttachSyntheticGradient.apply(outputs, grads, *nest.flatten(new_state))
-        return outputs, new_state
+        outputs, *states = _AttachSyntheticGradient.apply(grads, outputs, *nest.flatten(new_state))
+        return outputs, nest.unflatten(new_state, states)
 
     def init_state(self, batch_size):
         return core_init_state(self.rnn, batch_size)

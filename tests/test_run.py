@@ -1,0 +1,52 @@
+"""What a user hits around a run's life: resume with a new budget, bad budgets, a resumed
+run's log, a start that fails."""
+import json
+
+import pytest
+
+from dni_rnn.cli import main
+from dni_rnn.config import ConfigError, load_recipe, validate
+from dni_rnn.training import train
+
+TINY = ["model.embed_dim=8", "model.hidden_dim=8", "data.train_tokens=2000",
+        "data.valid_tokens=400", "data.test_tokens=400", "train.eval_interval=3",
+        "train.log_interval=1", "train.progress=false"]
+
+
+def _records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_a_new_budget_records_it_and_tests_once_at_the_end(ptb_dir, tmp_path):
+    data = str(ptb_dir.parent)
+    run = tmp_path / "run"
+    first = train(load_recipe("ptb-word-small-smoke", TINY + ["train.max_steps=3"]),
+                  out_dir=run, data_dir=data, quiet=True)
+    assert first["steps"] == 3 and "test_ppl" in first
+    second = train(load_recipe("ptb-word-small-smoke", TINY + ["train.max_steps=6"]),
+                   out_dir=run, resume=True, data_dir=data, quiet=True)
+    assert second["steps"] == 6
+    # the saved config runs again what this run now is
+    assert "max_steps = 6" in (run / "config.toml").read_text()
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 6
+    tests = [r for r in _records(run) if r.get("split") == "test"]
+    assert len(tests) == 1 and tests[0]["step"] == 6 and _records(run)[-1] == tests[0]
+
+
+@pytest.mark.parametrize("key", ["train.max_steps=-3", "train.max_tokens=-1",
+                                 "train.eval_interval=-2", "train.epochs=0"])
+def test_negative_budgets_are_clear_errors(key, capsys):
+    with pytest.raises(ConfigError, match=key.split("=")[0]):
+        validate(load_recipe("copy-smoke", [key]))
+    assert main(["train", "copy-smoke", "--set", key, "--out", "/nonexistent/never"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key.split("=")[0] in err[0]
+
+
+def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    run = tmp_path / "run"
+    assert main(["train", "ptb-word-small-smoke", "--data-dir", str(empty),
+                 "--out", str(run)]) != 0
+    assert not run.exists()
