@@ -5,8 +5,7 @@ imported only by the functions that need them (``load_hf``, ``load_wikitext``, t
 "sentencepiece" tokenizer).
 """
 
-from .batching import (batchify, batchify_mask, chunk_spans, get_chunk, iter_chunks,
-                       iter_masked_chunks, split_streams)
+from .batching import batchify, batchify_mask, split_streams
 from .corpus import Corpus
 from .errors import CorpusError, VocabularyMismatch
 from .hf import load_hf, load_wikitext
@@ -21,7 +20,6 @@ __all__ = [
     "Corpus", "CorpusError", "VocabularyMismatch", "Vocabulary",
     "load_ptb", "locate_ptb", "load_text_files", "load_hf", "load_wikitext",
     "WordTokenizer", "CharTokenizer",
-    "batchify", "batchify_mask", "split_streams", "chunk_spans", "get_chunk", "iter_chunks",
-    "iter_masked_chunks",
+    "batchify", "batchify_mask", "split_streams",
     "copy_task", "repeat_copy_task", "episode_length", "bit_errors", "Curriculum", "TaskBatch",
 ]

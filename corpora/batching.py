@@ -1,4 +1,4 @@
-"""Batching a 1-D id stream into B parallel streams, cutting TBPTT chunks, splitting ranks.
+"""Batching a 1-D id stream into B parallel streams, and splitting them across ranks.
 
 The layout is pytorch/examples word_language_model's, time-major ``(N, B)``:
 
@@ -13,7 +13,7 @@ The layout is pytorch/examples word_language_model's, time-major ``(N, B)``:
         t=4  [ e   k   q   w ]
         t=5  [ f   l   r   x ]
 
-Chunks of T steps, targets shifted by one step (T = 2):
+Chunks of T steps, targets shifted by one step (T = 2; cut by `TBPTTRunner.walk`):
 
         chunk 0: x = rows 0..1 [[a g m s], [b h n t]]   y = rows 1..2
         chunk 1: x = rows 2..3                           y = rows 3..4
@@ -30,8 +30,6 @@ see exactly the streams one process on B sees:
 """
 
 from __future__ import annotations
-
-from typing import Iterable, Iterator
 
 import torch
 
@@ -97,76 +95,3 @@ def split_streams(data: torch.Tensor, rank: int, world_size: int, dim: int = 1) 
                           f"pick a multiple of {world_size}")
     per = b // world_size
     return data.narrow(dim, rank * per, per)
-
-
-def chunk_spans(n_steps: int, bptt: int | Iterable[int]) -> Iterator[tuple[int, int]]:
-    """(start, length) of each chunk over a stream of ``n_steps`` rows with shifted targets.
-
-    Args:
-        n_steps: N, the rows of the batchified data.
-        bptt: T, an int, or an iterable of lengths used one per chunk (a variable
-            truncation schedule); iteration ends with the data or the iterable.
-
-    Yields:
-        (i, T_k) with i + T_k <= N - 1, so that rows i+1 .. i+T_k exist as targets.
-    """
-    lengths = iter(lambda: bptt, None) if isinstance(bptt, int) else iter(bptt)
-    i = 0
-    for t in lengths:
-        if i >= n_steps - 1:
-            return
-        if int(t) < 1:
-            raise CorpusError(f"truncation length must be positive, got {t}")
-        length = min(int(t), n_steps - 1 - i)
-        yield i, length
-        i += length
-
-
-def get_chunk(data: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs rows [i, i+T) and targets rows [i+1, i+1+T), clipped at the end.
-
-    Args:
-        data: (N, B) batchified ids.
-        i: the first row.
-        bptt: T.
-
-    Returns:
-        x (T', B), y (T', B) with T' = min(T, N - 1 - i).
-    """
-    length = min(bptt, data.size(0) - 1 - i)
-    return data[i:i + length], data[i + 1:i + 1 + length]
-
-
-def iter_chunks(data: torch.Tensor, bptt: int | Iterable[int]
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Walk the streams chunk by chunk.
-
-    Args:
-        data: (N, B) batchified ids.
-        bptt: T, or an iterable of per-chunk lengths (see ``chunk_spans``).
-
-    Yields:
-        (x, y): (T_k, B) inputs and (T_k, B) targets, y[t] = the id after x[t].
-    """
-    for i, length in chunk_spans(data.size(0), bptt):
-        yield data[i:i + length], data[i + 1:i + 1 + length]
-
-
-def iter_masked_chunks(data: torch.Tensor, mask: torch.Tensor, bptt: int | Iterable[int]
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Like ``iter_chunks``, also giving each chunk's rows of the document mask.
-
-    Args:
-        data: (N, B) batchified ids.
-        mask: (N, B) bool document starts (``batchify_mask``).
-        bptt: T, or an iterable of per-chunk lengths.
-
-    Yields:
-        (x, y, m): m (T_k, B) bool is True where x[t, b] starts a document, i.e. where the
-        state of stream b must be reset before step t.
-    """
-    if mask.shape != data.shape:
-        raise CorpusError(f"mask shape {tuple(mask.shape)} differs from data shape "
-                          f"{tuple(data.shape)}")
-    for i, length in chunk_spans(data.size(0), bptt):
-        yield data[i:i + length], data[i + 1:i + 1 + length], mask[i:i + length]

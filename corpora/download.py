@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from tqdm import tqdm
+
 from .paths import atomic_write
 
 _CHUNK = 1 << 16
@@ -29,7 +31,6 @@ ARCHIVE_SUFFIXES = (".tgz", ".tar.gz")
 
 def _stream(url: str, out, timeout: float, progress: bool, desc: str) -> str:
     """Copy ``url`` into the open binary file ``out``; return the md5 of what was written."""
-    from tqdm import tqdm
 
     h = hashlib.md5()
     with urllib.request.urlopen(url, timeout=timeout) as resp:

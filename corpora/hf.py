@@ -22,6 +22,7 @@ from .checksums import file_md5
 from .corpus import Corpus, Source, build_corpus, cached_build
 from .errors import CorpusError
 from .paths import DATA_DIR_ENV, cache_root, env_data_dir, existing_dir
+from .text import load_text_files
 from .tokenizers import make_tokenizer
 from .vocab import EOS, UNK
 
@@ -214,7 +215,6 @@ def load_wikitext(version: str = "2", raw: bool = False, *,
     Returns:
         The Corpus, named "wikitext-2" etc.
     """
-    from .text import load_text_files
 
     version = str(version)
     if version not in ("2", "103"):

@@ -4,7 +4,7 @@ Jaderberg et al. 2016 (DNI, section 3.1) train RNNs with truncated BPTT on the C
 Repeat Copy tasks of Graves et al. 2014 (Neural Turing Machines), applied continuously
 across episode boundaries, with a curriculum that lengthens the sequence once the current
 length is solved. Episodes here are concatenated along time, so a TBPTT runner can cut
-the stream into chunks of any length (``batching.chunk_spans``); ``resets`` marks the
+the stream into chunks of any length (``TBPTTRunner.walk``); ``resets`` marks the
 first step of every episode.
 
 Copy, N = seq_len random 8-bit vectors x_0..x_{N-1} (K = bits channels):

@@ -8,6 +8,8 @@ tokenizer's business: the corpus adds one after every line.
 
 from __future__ import annotations
 
+from .errors import CorpusError
+from .paths import cache_root
 from .vocab import Vocabulary
 
 SPACE = "_"  # word separator at character level, as in Mikolov's ptb.char.* files
@@ -102,12 +104,10 @@ def make_tokenizer(spec, *, train_lines=None, data_key: dict | None = None, cach
         from .subword import train_sentencepiece
 
         if cache is None:
-            from .paths import cache_root
 
             cache = cache_root()
         return train_sentencepiece(train_lines, data_key or {}, cache=cache,
                                    vocab_size=sp_vocab_size, model_type=sp_model_type,
                                    options=sp_options)
-    from .errors import CorpusError
 
     raise CorpusError(f"unknown tokenizer {spec!r}; choose one of {', '.join(TOKENIZERS)}")

@@ -3,10 +3,10 @@
     import dni_rnn as dni
 """
 from . import nest
-from .cells import LayerNormLSTMCell, MinimalGRUCell
+from .cells import CellLoop, LayerNormLSTMCell, MinimalGRUCell
 from .deferred import DeferredBackward, backward, defer_backward
 from .interfaces import BackwardInterface, BidirectionalInterface, ForwardInterface, TriggerStats
-from .models import CellLoop, RNNLanguageModel, SequenceModel
+from .models import RNNLanguageModel, SequenceModel
 from .synthesizers import (
     BasicSynthesizer,
     StateSynthesizer,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from corpora.paths import atomic_write
+from corpora import CorpusError, Vocabulary
 
 from . import nest
 
@@ -162,7 +163,6 @@ def check_vocab(saved_vocab, vocab, path):
         return
     if saved_vocab is None or vocab is None:
         raise CheckpointError(f"checkpoint {path}: vocabulary present on one side only")
-    from corpora import CorpusError, Vocabulary
 
     try:
         vocab.check_same(Vocabulary.from_state_dict(saved_vocab), what="checkpoint")

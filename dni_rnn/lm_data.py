@@ -30,6 +30,10 @@ from typing import Optional
 
 import torch
 
+import corpora
+from corpora import CorpusError
+from corpora.text import resolve_files
+
 from .config import ConfigError, data_tokenizer, hf_split_map
 
 SPLITS = ("train", "valid", "test")
@@ -91,7 +95,6 @@ def load_lm_data(data, data_dir=None):
             optional package (datasets, sentencepiece).
         ConfigError: data.train_tokens leaves no training stream.
     """
-    import corpora
 
     tokenizer = data_tokenizer(data)
     corpus = _load_corpus(data, tokenizer, data_dir or data.data_dir or None)
@@ -129,8 +132,6 @@ def _limit(x, n):
 
 
 def _load_corpus(data, tokenizer, directory):
-    import corpora
-    from corpora.text import resolve_files
 
     kind = data.corpus
     if kind in ("ptb-word", "ptb-char"):
@@ -207,7 +208,6 @@ def text_splits(path):
     Raises:
         corpora.CorpusError: the path is missing, or a split cannot be found.
     """
-    from corpora import CorpusError
 
     path = str(Path(path.strip()).expanduser()) if path.strip() else ""
     if not path:

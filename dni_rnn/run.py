@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, target_scale
 from .logs import Meter, RunLog, progress_bar
 from .synthesizers import StateSynthesizer, state_dim
-from .tasks import build_task
+from .tasks import METRICS, build_task
 from .tbptt import TBPTTRunner
 from .truncation import FixedTruncation, RandomTruncation
 
@@ -350,8 +350,6 @@ class Run:
 
 def format_summary(s):
     """Human lines of a run's summary."""
-    from .tasks import METRICS
-
     head = (f"done: {s['recipe']} {s['method']} T={s['truncation']} seed={s['seed']} | "
             f"{s['steps']} updates, {s['tokens']:,} tokens in {s['elapsed_s']:.1f}s "
             f"({s['tokens_per_s']:.0f} tok/s)" + (" | stopped early" if s["stopped_early"] else ""))

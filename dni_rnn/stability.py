@@ -11,7 +11,8 @@ and each measured in docs/dni.md:
 - `cap_norm`: the synthetic gradient of each example is at most `sg_cap` times that RMS
   norm, so the injection, and through it the bootstrapped term of the next target, stays
   within a fixed multiple of the real gradients.
-- `DivergenceGuard`: watches the target scale; when it runs away, the runner re-zeroes the synthesizer's output, forgets its optimizer
+- `DivergenceGuard`: watches the target scale and the injected gradient; when either runs
+  away, the runner re-zeroes the synthesizer's output, forgets its optimizer
   state and the RMS, and halves beta (and lambda) instead of only warning.
 """
 import collections
@@ -111,21 +112,29 @@ def cap_norm(state, max_norm, batch_dim=None):
 class DivergenceGuard:
     """Decides when a DNI run is diverging, so that the runner can recover.
 
-    A bootstrapped target that feeds on itself grows geometrically, chunk after chunk; a
-    task's own gradients change more slowly (a curriculum step, a solved task that gets
-    harder). So the guard fires when the running RMS of the targets grew more than
-    `growth` times above its smallest value of the last `horizon` chunks, or when anything
-    is not finite. Values seen in the burn-in after a recovery do not lower the floor, so a
-    run whose model was already damaged keeps backing off.
+    It fires on either sign, after a burn-in:
+    - the running RMS of the targets grew more than `growth` times above its smallest value
+      of the last `horizon` chunks. A bootstrapped target that feeds on itself grows
+      geometrically, chunk after chunk; a task's own gradients change more slowly (a
+      curriculum step, a solved task that gets harder). Values seen in the burn-in after a
+      recovery do not lower the floor, so a run whose model was already damaged keeps
+      backing off;
+    - the injected synthetic gradient (beta times the capped g_hat) outweighed the real
+      gradient more than `ratio` times, on average over about `window` chunks: the model
+      is being driven by the synthesizer rather than by its task;
+    - anything is not finite.
 
     Args:
         growth: allowed growth of the target RMS over its recent floor.
         horizon: chunks that the floor looks back over.
+        ratio: allowed injected / real gradient norm (averaged).
+        window: chunks the ratio is averaged over (an EMA of that span).
         burn_in: chunks after the start and after each recovery before anything is judged.
     """
 
-    def __init__(self, growth=100.0, horizon=500, burn_in=50):
-        self.growth, self.horizon, self.burn_in = float(growth), int(horizon), int(burn_in)
+    def __init__(self, growth=100.0, horizon=500, ratio=1.0, window=50, burn_in=50):
+        self.growth, self.horizon = float(growth), int(horizon)
+        self.ratio, self.window, self.burn_in = float(ratio), int(window), int(burn_in)
         self.chunks = 0
         self.recent = collections.deque()  # (chunk, rms), rms increasing: a sliding minimum
         self.recovered = False
@@ -134,6 +143,7 @@ class DivergenceGuard:
     def restart(self, recovered=False):
         """Start judging afresh, after a recovery when `recovered` (the floor is kept)."""
         self.seen = 0
+        self.ratio_avg = None
         self.recovered = self.recovered or recovered
 
     @property
@@ -145,14 +155,17 @@ class DivergenceGuard:
             self.recent.pop()
         self.recent.append((self.chunks, rms))
 
-    def check(self, rms, synthetic_norm, real_norm):
-        """Feed one chunk's numbers (floats; rms None while unknown); returns a reason or None."""
+    def check(self, rms, injected_norm, real_norm):
+        """Feed one chunk's numbers (floats; None while unknown); returns a reason or None."""
         self.chunks += 1
         self.seen += 1
         while self.recent and self.recent[0][0] <= self.chunks - self.horizon:
             self.recent.popleft()
-        if not all(math.isfinite(v) for v in (rms or 0.0, synthetic_norm, real_norm)):
+        if not all(math.isfinite(v) for v in (rms or 0.0, injected_norm or 0.0, real_norm)):
             return "the synthesizer's target or output is not finite"
+        if injected_norm is not None and real_norm > 0:
+            r, a = injected_norm / real_norm, 2.0 / (self.window + 1)
+            self.ratio_avg = r if self.ratio_avg is None else (1 - a) * self.ratio_avg + a * r
         if rms is None:  # no target scale measured yet
             return None
         if self.seen <= self.burn_in:
@@ -162,17 +175,19 @@ class DivergenceGuard:
         if rms > self.growth * self.floor:
             return (f"the target RMS grew {rms / self.floor:.0f}x within {self.horizon} chunks "
                     f"(from {self.floor:.2e} to {rms:.2e})")
+        if self.ratio_avg is not None and self.ratio_avg > self.ratio:
+            return f"the injected synthetic gradient averaged {self.ratio_avg:.1f}x the real one"
         self._remember(rms)
         return None
 
     def state_dict(self):
         return {"chunks": self.chunks, "seen": self.seen, "recent": list(self.recent),
-                "recovered": self.recovered}
+                "ratio_avg": self.ratio_avg, "recovered": self.recovered}
 
     def load_state_dict(self, state):
         self.chunks, self.seen = int(state["chunks"]), int(state["seen"])
         self.recent = collections.deque((int(c), float(v)) for c, v in state["recent"])
-        self.recovered = bool(state["recovered"])
+        self.ratio_avg, self.recovered = state["ratio_avg"], bool(state["recovered"])
 
 
 def zero_output_(synthesizer):

@@ -31,7 +31,10 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+import corpora
+
 from .config import LM_CORPORA, ConfigError
+from .lm_data import load_lm_data
 from .models import RNNLanguageModel, SequenceModel
 from .tbptt import evaluate
 
@@ -94,7 +97,6 @@ class LanguageModelTask:
     higher_is_better = False  # of the score: the validation loss
 
     def __init__(self, cfg, data_dir=None):
-        from .lm_data import load_lm_data
 
         self.cfg = cfg
         # ids (N, B) train / (N, E) valid, test; inputs rows [0, N-1), targets rows [1, N);
@@ -185,9 +187,8 @@ class CopyTask:
     vocab = None
 
     def __init__(self, cfg):
-        import corpora
 
-        self.cfg, self.corpora = cfg, corpora
+        self.cfg = cfg
         t = cfg.task
         self.repeat = cfg.data.corpus == "repeat-copy"
         if t.max_length < t.start_length:
@@ -241,10 +242,10 @@ class CopyTask:
         if self.repeat:
             # the repeat count grows with the curriculum too: R = min(N, max_repeats)
             repeats = min(length, t.max_repeats)
-            return self.corpora.repeat_copy_task(batch_size, length, repeats, bits=t.bits,
+            return corpora.repeat_copy_task(batch_size, length, repeats, bits=t.bits,
                                                  max_repeats=t.max_repeats, generator=generator,
                                                  device=device)
-        return self.corpora.copy_task(batch_size, length, bits=t.bits, generator=generator,
+        return corpora.copy_task(batch_size, length, bits=t.bits, generator=generator,
                                       device=device)
 
     def train_stream(self, device):
@@ -306,7 +307,7 @@ class CopyTask:
         finally:
             model.train(was_training)
         outputs = outputs.cpu()
-        error = float(self.corpora.bit_errors(outputs, batch.targets, batch.mask)) / inputs.shape[1]
+        error = float(corpora.bit_errors(outputs, batch.targets, batch.mask)) / inputs.shape[1]
         packed = torch.cat([batch.targets, batch.mask.unsqueeze(-1).float()], -1)
         loss = float(self.loss_fn(outputs, packed))
         at = self.length

@@ -38,7 +38,8 @@ class ChunkMetrics:
     cosine: cosine between synthetic and real gradient at the trigger; synthetic_norm /
     real_norm: their norms (gradient units); aux_loss: the DNI + Aux loss; target_rms: the
     running RMS of the real gradients at the triggers; capped: fraction of streams whose
-    synthetic gradient `sg_cap` scaled down; sg_scale: beta in force; recovery: why the
+    synthetic gradient `sg_cap` scaled down; injected_norm: the norm of what was injected at
+    the chunk's end (beta * capped g_hat); sg_scale: beta in force; recovery: why the
     guard reset the synthesizer after this chunk (else None).
     """
 
@@ -54,6 +55,7 @@ class ChunkMetrics:
     aux_loss: float = None
     target_rms: float = None
     capped: float = None
+    injected_norm: float = None
     sg_scale: float = None
     recovery: str = None
     skipped: bool = False
@@ -208,13 +210,14 @@ class TBPTTRunner:
             trigger = self.interface.make_trigger(state, target_scale=scale)
             outputs, new_state, first = self._forward(inputs, trigger, resets, split_first=self._aux_on())
             deferred.backward(self._loss(outputs, targets, metrics))
-            g_hat = None
+            g_hat = injected = None
             if future:
                 g_hat = self._synthesize(new_state, scale, metrics)
                 if next_resets is not None:
                     g_hat = self._zero_streams(g_hat, next_resets)
                 if beta:
                     deferred.backward(new_state, nest.map_state(lambda g: beta * g, g_hat))
+                injected = beta * sum(g.pow(2).sum() for g in nest.flatten(g_hat)).sqrt()
                 if self.bootstrap != beta:
                     self._bootstrap_correction(trigger, new_state, g_hat, self.bootstrap - beta)
                 if self._aux_on():
@@ -229,10 +232,11 @@ class TBPTTRunner:
             metrics.cosine = float(stats.cosine)
             metrics.synthetic_norm = float(stats.message_norm / scale) if scale else 0.0
             metrics.real_norm = float(stats.gradient_norm)
+            metrics.injected_norm = float(injected) if injected is not None else None
             if self.target_rms.known:
                 metrics.target_rms = float(self.target_rms.value())
             if self.guard is not None:
-                reason = self.guard.check(metrics.target_rms, metrics.synthetic_norm,
+                reason = self.guard.check(metrics.target_rms, metrics.injected_norm,
                                           metrics.real_norm)
                 if reason:
                     self._recover(reason, metrics)

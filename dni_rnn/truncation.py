@@ -1,8 +1,10 @@
 """Truncation schedules: how many steps each TBPTT chunk covers.
 
 A schedule is any callable `schedule() -> int`; an int means a fixed length. The random
-schedule follows awd-lstm-lm: the base length with probability p (else half of it), then
-jittered by a normal draw, so chunk boundaries move between epochs.
+schedule draws lengths as awd-lstm-lm does: the base length with probability p (else half
+of it), then jittered by a normal draw, so chunk boundaries move between epochs. It does
+not take awd-lstm-lm's learning-rate rescale by length / T: the runner's chunk loss is a
+mean over the chunk's tokens, and the lr stays the optimizer's.
 """
 import random
 
@@ -27,7 +29,7 @@ class FixedTruncation:
 
 
 class RandomTruncation:
-    """awd-lstm-style random chunk lengths around `length`.
+    """Random chunk lengths around `length`, drawn as in awd-lstm-lm.
 
     Args:
         length: the base truncation length.

@@ -1,10 +1,9 @@
-"""Batching: the (N, B) layout, shifted targets, chunk schedules, masks, rank splits."""
+"""Batching: the (N, B) layout, masks, rank splits (chunks are the runner's walk)."""
 
 import pytest
 import torch
 
-from corpora import (CorpusError, batchify, batchify_mask, chunk_spans, get_chunk, iter_chunks,
-                     iter_masked_chunks, split_streams)
+from corpora import CorpusError, batchify, batchify_mask, split_streams
 
 
 def test_batchify_layout_matches_the_drawing():
@@ -12,28 +11,6 @@ def test_batchify_layout_matches_the_drawing():
     assert data.shape == (6, 4) and data.is_contiguous()
     assert data.tolist() == [[0, 6, 12, 18], [1, 7, 13, 19], [2, 8, 14, 20],
                              [3, 9, 15, 21], [4, 10, 16, 22], [5, 11, 17, 23]]
-
-
-def test_chunks_shift_targets_by_one():
-    data = batchify(torch.arange(26), 4)
-    chunks = list(iter_chunks(data, 2))
-    assert [x.shape[0] for x, _ in chunks] == [2, 2, 1]  # N - 1 = 5 inputs have targets
-    x, y = chunks[0]
-    assert x.tolist() == [[0, 6, 12, 18], [1, 7, 13, 19]]
-    assert y.tolist() == [[1, 7, 13, 19], [2, 8, 14, 20]]
-    x, y = chunks[2]
-    assert x.tolist() == [[4, 10, 16, 22]] and y.tolist() == [[5, 11, 17, 23]]
-    assert torch.equal(torch.cat([y for _, y in chunks]), data[1:])
-    gx, gy = get_chunk(data, 4, 2)
-    assert torch.equal(gx, x) and torch.equal(gy, y)
-
-
-def test_variable_truncation_schedule():
-    assert list(chunk_spans(10, [3, 1, 4, 1, 5])) == [(0, 3), (3, 1), (4, 4), (8, 1)]
-    assert list(chunk_spans(10, iter([2, 2]))) == [(0, 2), (2, 2)]
-    assert list(chunk_spans(1, 5)) == []
-    with pytest.raises(CorpusError, match="positive"):
-        list(chunk_spans(10, [0]))
 
 
 def test_document_mask_follows_its_ids():
@@ -45,8 +22,6 @@ def test_document_mask_follows_its_ids():
     assert data[mask].sort().values.tolist() == [0, 4, 5, 10]
     assert mask.tolist() == [[True, True, False], [False, True, False],
                              [False, False, True], [False, False, False]]
-    (x0, y0, m0), (x1, y1, m1) = iter_masked_chunks(data, mask, 2)
-    assert m0.tolist() == mask[:2].tolist() and m1.tolist() == [[False, False, True]]
     with pytest.raises(CorpusError, match="must be bool"):
         batchify_mask(starts.long(), 3)
 

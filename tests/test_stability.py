@@ -122,21 +122,26 @@ def test_rms_units_regress_onto_the_gradient_over_its_running_rms():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_guard_fires_on_fast_growth_of_the_target_scale_only():
+def test_guard_fires_on_fast_growth_or_a_dominating_injection():
     guard = DivergenceGuard(growth=100, horizon=20, burn_in=3)
-    assert [guard.check(1.0, 2.0, 1.0) for _ in range(3)] == [None] * 3  # burn-in
-    assert guard.check(50.0, 2.0, 1.0) is None                            # 50x: allowed
-    assert "grew 200x" in guard.check(200.0, 2.0, 1.0)                    # a runaway
+    assert [guard.check(1.0, 0.5, 1.0) for _ in range(3)] == [None] * 3  # burn-in
+    assert guard.check(50.0, 0.5, 1.0) is None                            # 50x: allowed
+    assert "grew 200x" in guard.check(200.0, 0.5, 1.0)                    # a runaway
     guard.restart(recovered=True)
     for _ in range(3):  # burn-in after a recovery: nothing judged, the floor is kept
-        assert guard.check(500.0, 2.0, 1.0) is None
-    assert "grew 500x" in guard.check(500.0, 2.0, 1.0)
+        assert guard.check(500.0, 0.5, 1.0) is None
+    assert "grew 500x" in guard.check(500.0, 0.5, 1.0)
     assert "not finite" in guard.check(math.inf, 0.1, 1.0)
     slow = DivergenceGuard(growth=100, horizon=6, burn_in=3)
     # the floor looks back 5 chunks: 3x per chunk (243x) is a runaway, 1.5x (7.6x) is not
-    assert all(slow.check(1.5 ** k, 1.0, 1.0) is None for k in range(40))
+    assert all(slow.check(1.5 ** k, 0.5, 1.0) is None for k in range(40))
     fast = DivergenceGuard(growth=100, horizon=6, burn_in=3)
-    assert any(fast.check(3.0 ** k, 1.0, 1.0) for k in range(40))
+    assert any(fast.check(3.0 ** k, 0.5, 1.0) for k in range(40))
+    # the injected gradient outweighing the real one, on average, also fires
+    driven = DivergenceGuard(ratio=1.0, window=3, burn_in=3)
+    assert [driven.check(1.0, 0.1, 1.0) for _ in range(10)] == [None] * 10
+    assert "injected synthetic gradient averaged" in next(
+        r for r in (driven.check(1.0, 5.0, 1.0) for _ in range(10)) if r)
 
 
 def test_zero_output_makes_the_synthesizer_output_zero_again():
