@@ -231,12 +231,6 @@ class Config:
         (run_dir / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n",
                                              encoding="utf-8")
 
-    @property
-    def metric_name(self):
-        if self.data.corpus not in LM_CORPORA:
-            return "length"
-        return "bpc" if data_tokenizer(self.data) == "char" else "ppl"
-
     def run_name(self):
         return f"{self.recipe}-{self.dni.method}-T{self.train.truncation}-s{self.train.seed}"
 

@@ -122,9 +122,14 @@ def load_lm_data(data, data_dir=None):
     if train.shape[0] < 2:
         raise ConfigError(f"data.train_tokens={data.train_tokens} leaves no training "
                           f"stream for data.batch_size={B}")
-    return LMData(name=name, vocab=corpus.vocab, metric="bpc" if tokenizer == "char" else "ppl",
+    return LMData(name=name, vocab=corpus.vocab, metric=metric_name(data),
                   train=train, valid=valid, test=test, resets=resets, valid_resets=valid_resets,
                   test_resets=test_resets, corpus=corpus)
+
+
+def metric_name(data):
+    """"bpc" for characters, "ppl" for words and subwords (`data`: a DataConfig)."""
+    return "bpc" if data_tokenizer(data) == "char" else "ppl"
 
 
 def _limit(x, n):

@@ -4,6 +4,8 @@ import dataclasses
 import pytest
 
 from dni_rnn import config as C
+from dni_rnn.lm_data import metric_name
+from dni_rnn.tasks import CopyTask
 
 
 def test_every_shipped_recipe_loads_and_validates():
@@ -25,8 +27,8 @@ def test_recipe_values_override_defaults():
     small = C.load_recipe("ptb-word-small")
     assert (small.optim.name, small.optim.lr, small.optim.clip) == ("adam", 1e-3, 0.25)
     assert (small.dni.sg_scale, small.dni.bootstrap, small.dni.target_scale) == (0.1, None, "rms")
-    assert C.load_recipe("ptb-char").metric_name == "bpc"
-    assert C.load_recipe("copy").metric_name == "length"
+    assert metric_name(C.load_recipe("ptb-char").data) == "bpc"
+    assert CopyTask(C.load_recipe("copy")).metric.name == "length"
 
 
 def test_bptt_and_dni_are_one_set_apart():
