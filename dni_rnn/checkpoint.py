@@ -25,7 +25,6 @@ import os
 import pickle
 import random
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from corpora import CorpusError, Vocabulary
+from corpora.paths import atomic_write  # one atomic write for corpora caches and checkpoints
 
 from . import nest
 
@@ -51,24 +51,6 @@ class CheckpointError(RuntimeError):
         super().__init__(" ".join(str(message).splitlines()))
 
 
-def _atomic_write(path, write):
-    """Create `path` through `write(tmp)` on a temporary file in the same folder, fsync'ed,
-    then renamed over `path`: readers see the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)  # `write` creates it (a hard link needs the name free)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save(obj, path):
     """Write `obj` (a plain dict) to `path` atomically: temp file + fsync + os.replace."""
     path = Path(path)
@@ -77,7 +59,8 @@ def save(obj, path):
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
+    _fsync_dir(path.parent)
 
 
 def link(src, dst):
@@ -91,7 +74,8 @@ def link(src, dst):
         except OSError:
             shutil.copyfile(src, tmp)
 
-    _atomic_write(dst, make)
+    atomic_write(dst, make)
+    _fsync_dir(dst.parent)
 
 
 def _fsync_dir(folder):

@@ -21,36 +21,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # DNI settings; every key set explicitly so that a recipe's own [dni] section cannot leak in
+DNI = {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
+       "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true"}
 SETTINGS = {
     "plain": {"dni.method": "bptt"},
     # the shipped default: targets in running-RMS units, cap 1, guard on, beta = lambda = 0.1
-    "default": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
-                "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true"},
-    "rms-nocap": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
-                  "dni.target_scale": "rms", "dni.sg_cap": "0", "dni.guard": "true"},
-    "raw-cap": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
-                "dni.target_scale": "raw", "dni.sg_cap": "1", "dni.guard": "true"},
-    "lambda0": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "0",
-                "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true"},
-    "beta1": {"dni.method": "dni", "dni.sg_scale": "1", "dni.bootstrap": "none",
-              "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true"},
-    "cap3": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
-             "dni.target_scale": "rms", "dni.sg_cap": "3", "dni.guard": "true"},
-    "synth-lr": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
-                 "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true",
-                 "dni.synth_lr": "1e-4"},
-    "warmup": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
-               "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true",
-               "dni.warmup": "1000"},
-    # the old setting with only the guard added
-    "old-guard": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
-                  "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "true"},
+    "default": DNI,
+    "rms-nocap": {**DNI, "dni.sg_cap": "0"},
+    "raw-cap": {**DNI, "dni.target_scale": "raw"},
+    "lambda0": {**DNI, "dni.bootstrap": "0"},
+    "beta1": {**DNI, "dni.sg_scale": "1"},
+    "cap3": {**DNI, "dni.sg_cap": "3"},
+    "synth-lr": {**DNI, "dni.synth_lr": "1e-4"},
+    "warmup": {**DNI, "dni.warmup": "1000"},
     # the settings shipped before: raw targets (LMs) / x1000 with beta = lambda = 1 (copy),
-    # no cap, no guard
-    "old": {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
-            "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "false"},
-    "old-copy": {"dni.method": "dni", "dni.sg_scale": "1", "dni.bootstrap": "1",
-                 "dni.target_scale": "1000", "dni.sg_cap": "0", "dni.guard": "false"},
+    # no cap, no guard; and the old LM setting with only the guard added
+    "old": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "false"},
+    "old-guard": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0"},
+    "old-copy": {**DNI, "dni.sg_scale": "1", "dni.bootstrap": "1", "dni.target_scale": "1000",
+                 "dni.sg_cap": "0", "dni.guard": "false"},
 }
 
 LM = {"train.test": "true", "train.progress": "false"}
