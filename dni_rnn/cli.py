@@ -3,6 +3,7 @@
     dni-rnn train [RECIPE] [--set section.key=value ...] [--data-dir D] [--out RUN_DIR] [--resume]
     dni-rnn demo [--set section.key=value ...] [--out DIR]
     dni-rnn evaluate RUN_DIR_OR_CHECKPOINT [--split test] [--data-dir D]
+    dni-rnn diagnose RUN_DIR [--horizons 1,2,4,8] [--boundaries 16] [--split valid]
     dni-rnn compare RECIPE --truncations 2,3,5 --methods bptt,dni [--budget-tokens N]
                     [--seeds 1,2] [--out DIR]
     dni-rnn recipes
@@ -70,6 +71,16 @@ def build_parser():
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser("diagnose", help="synthetic against true future gradients of a saved run")
+    g.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    g.add_argument("--horizons", default="1,2,4,8", help="future chunks K to compare against")
+    g.add_argument("--boundaries", type=int, default=16, help="chunk boundaries averaged over")
+    g.add_argument("--split", default="valid", choices=("valid", "test"))
+    g.add_argument("--data-dir", help="folder holding the corpus files")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.set_defaults(func=cmd_diagnose)
 
     c = sub.add_parser("compare", help="sweep truncation lengths x methods on one token budget")
     c.add_argument("recipe")
@@ -140,6 +151,29 @@ def cmd_evaluate(args):
         return 0
     text = r["text"]
     print(f"{r['recipe']} {r['split']}: {text} | {r['checkpoint']} at step {r['step']}")
+    return 0
+
+
+def cmd_diagnose(args):
+    from .compare import parse_list
+    from .diagnostics import format_report, plot
+    from .training import diagnose_checkpoint
+
+    horizons = parse_list(args.horizons, int, "--horizons")
+    r = diagnose_checkpoint(args.path, horizons, args.boundaries, args.split, args.data_dir,
+                            args.device)
+    run_dir = Path(r["checkpoint"]).parent
+    (run_dir / "diagnose.json").write_text(json.dumps(r, indent=2) + "\n")
+    picture = plot(run_dir, r, horizons)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['checkpoint']} (step {r['step']}), {r['boundaries']} boundaries of the "
+          f"{r['split']} stream, T={r['T']}: synthetic gradient g^ against the true future "
+          "gradient g_K through the next K chunks (plain TBPTT's 0: cosine 0, rel err 1)")
+    for line in format_report(r, horizons):
+        print(line)
+    print(f"wrote {run_dir / 'diagnose.json'}" + (f" and {picture}" if picture else ""))
     return 0
 
 

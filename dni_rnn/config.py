@@ -163,6 +163,9 @@ class TrainConfig:
                          "models and on a busy machine)")
     on_nonfinite: str = _f("raise", "a NaN/inf loss: stop (raise) or drop the update (skip)",
                            ("raise", "skip"))
+    diagnose_every: int = _f(0, "every N updates, compare the synthetic gradient with the true "
+                                "future gradient by exact BPTT (0: off; docs/dni.md)")
+    diagnose_horizons: str = _f("1,2,4,8", "horizons of the diagnostics, in chunks")
     progress: bool = _f(True, "tqdm progress bar (on a terminal)")
     tensorboard: bool = _f(False, "also write TensorBoard scalars (needs tensorboard)")
     test: bool = _f(True, "evaluate the best checkpoint on the test split at the end")
@@ -379,6 +382,8 @@ def validate(cfg):
         value = getattr(cfg.train, key)
         need(value >= 0, f"train.{key} must be >= 0 (0: off), got {value}")
     need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    need(cfg.train.diagnose_every >= 0, "train.diagnose_every must be >= 0 (0: off)")
+    horizons(cfg)
     need(cfg.task.start_length >= 1 and cfg.task.length_step >= 1,
          "task.start_length and task.length_step must be >= 1")
     device = cfg.train.device
@@ -446,6 +451,19 @@ def hf_split_map(d):
                               f"{d.hf_split!r}")
         mapping[key] = value
     return mapping
+
+
+def horizons(cfg):
+    """train.diagnose_horizons as a sorted list of ints >= 1."""
+    text = cfg.train.diagnose_horizons
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise ConfigError(f"train.diagnose_horizons must be chunk counts >= 1 such as 1,2,4,8, "
+                          f"got {text!r}")
+    return values
 
 
 def target_scale(cfg):

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, target_scale
+from . import diagnostics
+from .config import ConfigError, horizons, target_scale
 from .logs import Meter, RunLog, progress_bar
 from .synthesizers import StateSynthesizer, state_dim
 from .tasks import METRICS, build_task
@@ -227,6 +228,8 @@ class Run:
         if m.recovery:  # the runner's guard acted
             self.log.recovery(self.step, p.tokens, m.recovery, self.runner.sg_scale,
                               self.runner.bootstrap)
+        if t.diagnose_every and self.step % t.diagnose_every == 0:
+            self.diagnose()
         stream_end = p.pos >= self.stream.inputs.shape[0]
         if stream_end:
             self.stream = self.state = None
@@ -246,6 +249,20 @@ class Run:
             p.elapsed = time.perf_counter() - self.started
             self.validate()
         return stream_end or self.finished()
+
+    def diagnose(self):
+        """The synthetic gradient at the current boundary against the true future gradient
+        through the next chunks of the stream (`diagnostics.py`); changes nothing."""
+        s, p = self.stream, self.progress
+        if self.synth is None or p.pos >= s.inputs.shape[0]:
+            return
+        resets = s.resets[p.pos:] if s.resets is not None else None
+        report = diagnostics.diagnose(self.runner, s.inputs[p.pos:], s.targets[p.pos:],
+                                      self.state, self.cfg.train.truncation,
+                                      horizons(self.cfg), resets)
+        if report:
+            self.log.emit({"kind": "diagnose", "step": self.step, "tokens": p.tokens,
+                           **report})
 
     def finished(self):
         t, p = self.cfg.train, self.progress

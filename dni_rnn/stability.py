@@ -185,6 +185,8 @@ class DivergenceGuard:
                 "ratio_avg": self.ratio_avg, "recovered": self.recovered}
 
     def load_state_dict(self, state):
+        if "recent" not in state:  # an earlier guard's state: judge afresh
+            return
         self.chunks, self.seen = int(state["chunks"]), int(state["seen"])
         self.recent = collections.deque((int(c), float(v)) for c, v in state["recent"])
         self.ratio_avg, self.recovered = state["ratio_avg"], bool(state["recovered"])

@@ -8,6 +8,7 @@ it asks a task for
     build_model()        -> a module `forward(inputs, state) -> (outputs, state)`
     loss_fn(outputs, targets) -> the chunk's mean loss
     evaluate(model, split, device) -> {"loss": ..., metric.name: ..., ...}
+    diagnosis_stream(split, device) -> (inputs, targets, resets) for `dni-rnn diagnose`
     metric               a `Metric`: name, label, digits, direction, from_loss
     score(result), higher_is_better   what "best" means (checkpoints, early stopping)
     epoch_based, decays_lr, has_test, done   how the run is budgeted and finished
@@ -138,6 +139,12 @@ class LanguageModelTask:
         loss, _ = evaluate(model, self.loss_fn, data[:-1], data[1:], resets=resets,
                            chunk_length=self.cfg.train.truncation)
         return {"loss": loss, self.metric.name: self.metric.from_loss(loss)}
+
+    def diagnosis_stream(self, split, device):
+        """(inputs, targets, resets) of a split, for `dni-rnn diagnose`."""
+        data, resets = self.data.split(split)
+        data = data.to(device)
+        return data[:-1], data[1:], resets[:-1].to(device) if resets is not None else None
 
     @staticmethod
     def score(result):
@@ -270,6 +277,11 @@ class CopyTask:
         self.generator.set_state(after)
         self._stream_seed = state
         return stream
+
+    def diagnosis_stream(self, split, device):
+        """A fresh block of training episodes at the current length (any split)."""
+        stream = self.train_stream(device)
+        return stream.inputs, stream.targets, stream.resets
 
     @staticmethod
     def score(result):

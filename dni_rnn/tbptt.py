@@ -71,7 +71,8 @@ class TBPTTRunner:
         model: `forward(inputs, state) -> (outputs, state)`, inputs time-major `(T, B, ...)`.
             If it has `init_state(batch_size)`, `run` can start without a state.
         loss_fn: `loss_fn(outputs, targets) -> scalar`, the chunk's mean loss.
-        optimizer: steps the model (and the synthesizer, unless `synth_optimizer` is given).
+        optimizer: steps the model (and the synthesizer, unless `synth_optimizer` is given);
+            None for a runner that only evaluates and synthesizes (`train_chunk` refuses).
         truncation: chunk length: an int, or a schedule `() -> int` (see `RandomTruncation`).
         synthesizer: module `(state, context) -> gradient estimate` shaped like the state
             (e.g. `StateSynthesizer.mlp(state_dim(state))`); None: plain TBPTT.
@@ -147,6 +148,8 @@ class TBPTTRunner:
         if any(id(p) in model_ids for p in self.synth_params):
             raise ValueError("the synthesizer's parameters must not be part of the model")
         opt = self.synth_optimizer or self.optimizer
+        if opt is None:
+            return
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
         missing = [p for p in self.synth_params if id(p) not in in_opt]
         if missing:
@@ -173,6 +176,9 @@ class TBPTTRunner:
         Returns:
             (state, ChunkMetrics)
         """
+        if self.optimizer is None:
+            raise ValueError("this runner has no optimizer: it can evaluate and synthesize, "
+                             "not train; pass one to TBPTTRunner")
         T, B = inputs.shape[0], inputs.shape[1]
         self.optimizer.zero_grad(set_to_none=True)
         if self.synth_optimizer is not None:
@@ -253,6 +259,19 @@ class TBPTTRunner:
             g_hat, capped = cap_norm(g_hat, bound, self.batch_dim)
             metrics.capped = float(capped)
         return g_hat
+
+    @torch.no_grad()
+    def synthetic_gradient(self, state, tokens):
+        """The synthetic gradient this runner would inject at a boundary with `state`, before
+        beta: the synthesizer's output in gradient units, capped; zeros for plain TBPTT.
+
+        Args:
+            state: the state at the boundary.
+            tokens: steps x streams of a chunk (for `target_scale="sum"`).
+        """
+        if self.interface is None:
+            return nest.map_state(torch.zeros_like, nest.detach(state))
+        return self._synthesize(state, self._scale(tokens), ChunkMetrics(0, 0, math.nan, 0))
 
     def _recover(self, reason, metrics):
         """The guard fired: restart the synthesizer from zero with half the coupling."""
