@@ -1,5 +1,6 @@
 """Config: defaults, recipes, --set parsing and one-line errors."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,9 @@ def test_config_keys_cover_every_field():
         for f in dataclasses.fields(cls):
             assert f"{name}.{f.name}" in keys
             assert f.metadata.get("help")
+
+
+def test_docs_list_every_config_key():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    missing = [key for key, *_ in C.config_keys() if f"| `{key}` |" not in doc]
+    assert not missing, f"docs/training.md lacks {missing}"
