@@ -225,7 +225,7 @@ def run_state(run):
 
 def restore_run(run, path):
     """Load `path` into a set-up `run.Run` (its modules built, nothing trained)."""
-    c = load(path, map_location=run.device)
+    c = load(path)  # on the CPU: generator states must stay CPU ByteTensors
     check_compatible(c["config"], run.cfg.to_dict(), path)
     check_vocab(c["vocab"], run.task.vocab, path)
     try:

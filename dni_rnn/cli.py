@@ -155,11 +155,13 @@ def cmd_evaluate(args):
 
 
 def cmd_diagnose(args):
-    from .compare import parse_list
+    from .config import ConfigError, parse_horizons
     from .diagnostics import format_report, plot
     from .training import diagnose_checkpoint
 
-    horizons = parse_list(args.horizons, int, "--horizons")
+    horizons = parse_horizons(args.horizons, "--horizons")
+    if args.boundaries < 1:
+        raise ConfigError(f"--boundaries must be >= 1, got {args.boundaries}")
     r = diagnose_checkpoint(args.path, horizons, args.boundaries, args.split, args.data_dir,
                             args.device)
     run_dir = Path(r["checkpoint"]).parent

@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 
 from .config import ConfigError, METHODS, validate
-from .tasks import METRICS, PERPLEXITY
+from .tasks import METRICS
 from .training import train
 
 
@@ -220,7 +220,7 @@ def plot(runs, metric, out):
                     label=f"{method} T={T}")
         ax.set_xlabel(x_label)
         ax.set_ylabel(label)
-        if metric is PERPLEXITY:
+        if metric.log_scale:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)

@@ -125,7 +125,9 @@ class DNIConfig:
                                   "running RMS), raw, sum, or a number")
     sg_cap: float = _f(1.0, "cap on each stream's synthetic gradient, in running RMS norms of "
                             "the real gradients at the triggers (0: no cap)")
-    guard: bool = _f(True, "recover from a diverging synthesizer: re-zero it, halve beta")
+    guard: bool = _f(True, "recover from a diverging synthesizer (its target RMS up 100x within "
+                           "500 updates, or the injected gradient above the real one): re-zero "
+                           "it, halve beta")
     synth_lr: float = _f(0.0, "own Adam learning rate for the synthesizer (0: share the "
                               "model's optimizer)")
     synth_clip: float = _f(0.0, "gradient-norm clip of the synthesizer, separate (0: none)")
@@ -455,14 +457,17 @@ def hf_split_map(d):
 
 def horizons(cfg):
     """train.diagnose_horizons as a sorted list of ints >= 1."""
-    text = cfg.train.diagnose_horizons
+    return parse_horizons(cfg.train.diagnose_horizons, "train.diagnose_horizons")
+
+
+def parse_horizons(text, key):
+    """"1,2,4,8" -> [1, 2, 4, 8]; a one-line ConfigError naming `key` otherwise."""
     try:
         values = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
         values = []
     if not values or values[0] < 1:
-        raise ConfigError(f"train.diagnose_horizons must be chunk counts >= 1 such as 1,2,4,8, "
-                          f"got {text!r}")
+        raise ConfigError(f"{key} must be chunk counts >= 1 such as 1,2,4,8, got {text!r}")
     return values
 
 

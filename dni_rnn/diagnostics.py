@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import nest
-from .tbptt import forward_with_resets
+from .tbptt import forward_with_resets, zero_streams
 
 
 def future_gradients(model, loss_fn, inputs, targets, state, T, horizons, resets=None,
@@ -96,14 +96,16 @@ def diagnose(runner, inputs, targets, state, T, horizons, resets=None, train_bat
     """
     t0 = time.perf_counter()
     fits = [K for K in horizons if K * T <= inputs.shape[0]]
-    if not fits:
-        return {}
+    if not fits or (resets is not None and bool(resets[0].all())):
+        return {}  # nothing fits, or every stream restarts here: no future to compare
     truths = future_gradients(runner.model, runner.loss_fn, inputs, targets, state, T, fits,
                               resets, runner.batch_dim)
     width = inputs.shape[1]
     g_hat = runner.synthetic_gradient(state, tokens=T * (train_batch or width))
     if train_batch and train_batch != width:
         g_hat = nest.map_state(lambda g: g * (train_batch / width), g_hat)
+    if resets is not None:  # as in training: streams that restart get no synthetic gradient
+        g_hat = zero_streams(g_hat, resets[0], runner.batch_dim)
     report = compare(g_hat, truths)
     report["seconds"] = time.perf_counter() - t0
     return report

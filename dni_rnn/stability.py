@@ -195,13 +195,7 @@ class DivergenceGuard:
 def zero_output_(synthesizer):
     """Make `synthesizer` output zeros again (its `zero_output_()`); False if it has none."""
     fn = getattr(synthesizer, "zero_output_", None)
-    if fn is None:
-        return False
-    try:
-        fn()
-    except AttributeError:  # a wrapper around a synthesizer that has none
-        return False
-    return True
+    return fn is not None and fn() is not False
 
 
 def forget_optimizer_state(optimizer, params):

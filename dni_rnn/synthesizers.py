@@ -136,11 +136,12 @@ class StateSynthesizer(nn.Module):
         return cls(inner, batch_dim=batch_dim)
 
     def zero_output_(self):
-        """Zero the inner synthesizer's output, where it knows how (`zero_output_`)."""
+        """Zero the inner synthesizer's output where it knows how; False where it cannot."""
         fn = getattr(self.synthesizer, "zero_output_", None)
         if fn is None:
-            raise AttributeError(f"{type(self.synthesizer).__name__} has no zero_output_()")
+            return False
         fn()
+        return True
 
     def forward(self, trigger, context=None):
         tensors = nest.flatten(trigger)

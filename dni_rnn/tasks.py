@@ -54,6 +54,7 @@ class Metric:
     digits: int
     higher_is_better: bool
     from_loss: Optional[Callable[[float], float]] = None
+    log_scale: bool = False  # plots read better on a log axis
 
     def format(self, value, width=0):
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -63,7 +64,8 @@ class Metric:
         return f"{value:{width}.{self.digits}f}"
 
 
-PERPLEXITY = Metric("ppl", "perplexity", "ppl", 2, False, lambda loss: math.exp(min(loss, 50.0)))
+PERPLEXITY = Metric("ppl", "perplexity", "ppl", 2, False, lambda loss: math.exp(min(loss, 50.0)),
+                    log_scale=True)
 BITS_PER_CHAR = Metric("bpc", "bits per character", "bpc", 3, False, lambda loss: loss / LN2)
 LENGTH_SOLVED = Metric("length", "longest length solved", "longest solved", 0, True)
 METRICS = {m.name: m for m in (PERPLEXITY, BITS_PER_CHAR, LENGTH_SOLVED)}
@@ -332,9 +334,10 @@ class CopyTask:
 
     def state_dict(self):
         return {"curriculum": self.curriculum.state_dict(), "generator": self.generator.get_state(),
-                "solved": self.solved}
+                "solved": self.solved, "last_error": self.last_error}
 
     def load_state_dict(self, state):
         self.curriculum.load_state_dict(state["curriculum"])
         self.generator.set_state(state["generator"])
         self.solved = int(state["solved"])
+        self.last_error = float(state.get("last_error", math.nan))

@@ -248,7 +248,7 @@ class TBPTTRunner:
                     self._recover(reason, metrics)
         return new_state
 
-    def _synthesize(self, new_state, scale, metrics):
+    def _synthesize(self, new_state, scale, metrics=None):
         """g_hat at the chunk's end, capped per stream at sg_cap x the targets' RMS norm."""
         if not scale:  # "rms" before any target was seen: the output is still zero
             return nest.map_state(torch.zeros_like, nest.detach(new_state))
@@ -257,7 +257,8 @@ class TBPTTRunner:
             dim = features_per_example(g_hat, self.batch_dim)
             bound = self.sg_cap * self.target_rms.value() * math.sqrt(dim)
             g_hat, capped = cap_norm(g_hat, bound, self.batch_dim)
-            metrics.capped = float(capped)
+            if metrics is not None:
+                metrics.capped = float(capped)
         return g_hat
 
     @torch.no_grad()
@@ -271,13 +272,15 @@ class TBPTTRunner:
         """
         if self.interface is None:
             return nest.map_state(torch.zeros_like, nest.detach(state))
-        return self._synthesize(state, self._scale(tokens), ChunkMetrics(0, 0, math.nan, 0))
+        return self._synthesize(state, self._scale(tokens))
 
     def _recover(self, reason, metrics):
         """The guard fired: restart the synthesizer from zero with half the coupling."""
         zeroed = zero_output_(self.interface.synthesizer)
         if self.aux_head is not None:
             zero_output_(self.aux_head)
+        for p in self.synth_params:  # this chunk's step must not move them off zero again
+            p.grad = None
         for opt in (self.optimizer, self.synth_optimizer):
             if opt is not None:
                 forget_optimizer_state(opt, self.synth_params)

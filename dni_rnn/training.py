@@ -128,8 +128,3 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
     return {"checkpoint": str(file), "step": runner.step, "split": split, "T": T,
             "horizons": list(horizons), "boundaries": len(reports),
             **diagnostics.mean_reports(reports)}
-
-
-def _units(cfg):
-    from .config import target_scale
-    return target_scale(cfg)

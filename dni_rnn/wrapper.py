@@ -9,7 +9,10 @@
 No deferred block is needed: the synthetic gradient for the outgoing state rides on the
 backward pass (a node that is the identity on `outputs` and the outgoing state and, in
 backward, adds `sg_scale * g_hat` to the state's gradient once, whichever of them the loss
-uses: the outputs, the final hidden state as a classifier would, or both). The bootstrap weight is therefore
+uses: the outputs, the final hidden state as a classifier would, or both).
+
+This is the exact DNI of DESIGN.md, without the runner's stability mechanisms (targets in
+running-RMS units, the cap, the guard; docs/dni.md): with raw targets it can diverge. The bootstrap weight is therefore
 `sg_scale` (one pass); use `TBPTTRunner` for a separate lambda, resets and metrics.
 """
 import torch

@@ -81,3 +81,16 @@ def test_diagnose_command_on_a_saved_run(ptb_dir, tmp_path, capsys):
     r = json.loads((run / "diagnose.json").read_text())
     assert r["boundaries"] == 3 and set(r["horizons"]) == {1, 2}
     assert -1 <= r["cos_k2"] <= 1 and r["true_norm_k2"] > 0
+
+
+def test_streams_that_restart_at_the_boundary_get_no_synthetic_gradient():
+    model, x, y, state = make_problem(n_steps=8, batch=3)
+    _, values, future = full_bptt(model, x, y, state, 4)
+    runner = dni.TBPTTRunner(model, chunk_loss, None, truncation=4,
+                             synthesizer=OracleSynthesizer(values, future), **EXACT)
+    resets = torch.zeros(4, 3, dtype=torch.bool)
+    resets[0, 1] = True  # stream 1 restarts right at the boundary: its future is not s's
+    r = diagnose(runner, x[4:], y[4:], values[0], 4, [1], resets)
+    assert r["cos_k1"] == pytest.approx(1.0, abs=1e-12)  # the oracle, masked as in training
+    resets[0] = True
+    assert diagnose(runner, x[4:], y[4:], values[0], 4, [1], resets) == {}

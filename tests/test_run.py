@@ -50,3 +50,13 @@ def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
     assert main(["train", "ptb-word-small-smoke", "--data-dir", str(empty),
                  "--out", str(run)]) != 0
     assert not run.exists()
+
+
+def test_the_copy_task_state_keeps_its_last_error():
+    from dni_rnn.tasks import CopyTask
+    task = CopyTask(load_recipe("copy-smoke"))
+    model = task.build_model()
+    task.evaluate(model, "valid", "cpu")
+    again = CopyTask(load_recipe("copy-smoke"))
+    again.load_state_dict(task.state_dict())
+    assert again.last_error == task.last_error and again.last_error == again.last_error  # not nan
