@@ -5,7 +5,7 @@
     dni-rnn evaluate RUN_DIR_OR_CHECKPOINT [--split test] [--data-dir D]
     dni-rnn diagnose RUN_DIR [--horizons 1,2,4,8] [--boundaries 16] [--split valid]
     dni-rnn compare RECIPE --truncations 2,3,5 --methods bptt,dni [--budget-tokens N]
-                    [--seeds 1,2] [--out DIR]
+                    [--seeds 1,2] [--jobs N] [--out DIR]
     dni-rnn recipes
 
 RECIPE is a shipped recipe's name (`dni-rnn recipes`) or a path to a TOML file. `demo`
@@ -90,6 +90,8 @@ def build_parser():
     c.add_argument("--budget-tokens", type=int, default=0,
                    help="training tokens per run (default: the recipe's train.max_tokens)")
     c.add_argument("--points", type=int, default=10, help="validations per run")
+    c.add_argument("--jobs", type=int, default=0, help="runs trained at once, each with cores / "
+                   "jobs torch threads (default 0: one per core, at most the runs left)")
     c.add_argument("--out", help="output directory (default runs/compare-<recipe>)")
     common(c)
     c.set_defaults(func=cmd_compare)
@@ -187,7 +189,7 @@ def cmd_compare(args):
     out = args.out or str(Path("runs") / f"compare-{cfg.recipe}")
     sweep(cfg, parse_list(args.truncations, int, "--truncations"),
           parse_list(args.methods, str, "--methods"), parse_list(args.seeds, int, "--seeds"),
-          args.budget_tokens, out, data_dir=args.data_dir, points=args.points)
+          args.budget_tokens, out, data_dir=args.data_dir, points=args.points, jobs=args.jobs)
     print((Path(out) / "results.md").read_text(), end="")
     return 0
 

@@ -10,6 +10,11 @@
 Every run sees the same number of training tokens (so T=2 makes 17x the updates of
 T=35) and validates every budget / `points` tokens, so the curves share their x grid.
 A finished run (summary.json present) is reused, so an interrupted sweep can be rerun.
+
+`jobs` > 1 trains that many runs at once, each in a process of its own with
+cores / jobs torch threads (two runs side by side with all threads each crawl: measured,
+60% system time); a progress line per running job shows what it trains, where, and when
+it should end.
 """
 from __future__ import annotations
 
@@ -17,10 +22,14 @@ import copy
 import csv
 import json
 import math
+import multiprocessing
+import os
 import statistics
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from .config import ConfigError, METHODS, validate
+from .config import Config, ConfigError, METHODS, validate
 from .tasks import METRICS
 from .training import train
 
@@ -38,7 +47,7 @@ def parse_list(text, kind, name):
 
 
 def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=None, points=10,
-          say=print):
+          say=print, jobs=1, progress_every=30.0):
     """Run every (method, T, seed) and write the tables and plots.
 
     Args:
@@ -49,6 +58,9 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
         data_dir: the corpus directory (--data-dir).
         points: validations per run (evenly spaced in tokens).
         say: where progress lines go.
+        jobs: runs trained at once, each in its own process with cores / jobs threads
+            (0: as many as there are cores, at most the runs left).
+        progress_every: seconds between progress lines of running jobs.
     Returns:
         list of result rows (dicts), one per (method, T).
     """
@@ -67,31 +79,38 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output directory {out} is not writable ({e.strerror or e})") from None
-    runs = []
-    total = len(methods) * len(truncations) * len(seeds)
-    for method in methods:
-        for T in truncations:
-            for seed in seeds:
-                c = copy.deepcopy(cfg)
-                c.dni.method, c.train.truncation, c.train.seed = method, T, seed
-                c.train.max_tokens = budget
-                c.train.max_steps = 0
-                c.train.epochs = max(c.train.epochs, 10**6)  # the budget decides
-                c.train.eval_interval = 0
-                c.train.eval_tokens = max(budget // points, 1)
-                c.train.out_dir = ""
-                validate(c)
-                run_dir = out / f"{method}-T{T}-s{seed}"
-                k = len(runs) + 1
-                summary = _finished(run_dir, c)
-                if summary is None:
-                    say(f"[{k}/{total}] {method} T={T} seed={seed} -> {run_dir}")
-                    summary = train(c, out_dir=run_dir, resume=(run_dir / "last.pt").is_file(),
-                                    data_dir=data_dir, quiet=True)
-                else:
-                    say(f"[{k}/{total}] {method} T={T} seed={seed}: done before, reused")
-                runs.append({"method": method, "T": T, "seed": seed, "summary": summary,
-                             "curve": _curve(run_dir, summary["metric"])})
+    grid = [(method, T, seed) for method in methods for T in truncations for seed in seeds]
+    configs, summaries = {}, {}
+    for k, (method, T, seed) in enumerate(grid, start=1):
+        c = copy.deepcopy(cfg)
+        c.dni.method, c.train.truncation, c.train.seed = method, T, seed
+        c.train.max_tokens = budget
+        c.train.max_steps = 0
+        c.train.epochs = max(c.train.epochs, 10**6)  # the budget decides
+        c.train.eval_interval = 0
+        c.train.eval_tokens = max(budget // points, 1)
+        c.train.out_dir = ""
+        validate(c)
+        run_dir = out / f"{method}-T{T}-s{seed}"
+        summaries[run_dir] = _finished(run_dir, c)
+        if summaries[run_dir] is not None:
+            say(f"[{k}/{len(grid)}] {method} T={T} seed={seed}: done before, reused")
+        configs[run_dir] = (k, c)
+    pending = [d for d in configs if summaries[d] is None]
+    jobs = jobs or min(os.cpu_count() or 1, max(len(pending), 1))
+    if jobs <= 1:
+        for d in pending:
+            k, c = configs[d]
+            say(f"[{k}/{len(grid)}] {c.dni.method} T={c.train.truncation} "
+                f"seed={c.train.seed} -> {d}")
+            summaries[d] = train(c, out_dir=d, resume=(d / "last.pt").is_file(),
+                                 data_dir=data_dir, quiet=True)
+    else:
+        summaries.update(_parallel(configs, pending, len(grid), jobs, budget, data_dir, say,
+                                   progress_every))
+    runs = [{"method": m, "T": T, "seed": s, "summary": summaries[out / f"{m}-T{T}-s{s}"],
+             "curve": _curve(out / f"{m}-T{T}-s{s}", summaries[out / f"{m}-T{T}-s{s}"]["metric"])}
+            for m, T, s in grid]
     rows = _rows(runs, methods, truncations)
     metric = METRICS[runs[0]["summary"]["metric"]]
     write_tables(rows, metric, out, budget, seeds)
@@ -100,6 +119,64 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
         + (f"; plots {', '.join(str(p) for p in plotted)}" if plotted else
            "; no plots (pip install matplotlib)"))
     return rows
+
+
+def _train_job(config, run_dir, data_dir):
+    """One sweep run in a worker process (spawned: no state shared with the parent)."""
+    c = validate(Config.from_dict(config))
+    run_dir = Path(run_dir)
+    return train(c, out_dir=run_dir, resume=(run_dir / "last.pt").is_file(), data_dir=data_dir,
+                 quiet=True)
+
+
+def _parallel(configs, pending, total, jobs, budget, data_dir, say, progress_every):
+    """Train `pending` runs `jobs` at a time, cores / jobs threads each; progress lines."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    say(f"{len(pending)} runs, {jobs} at a time, {threads} torch thread(s) each")
+    done = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for d in pending:
+            k, c = configs[d]
+            c = copy.deepcopy(c)
+            c.train.threads, c.train.progress = threads, False
+            futures[pool.submit(_train_job, c.to_dict(), str(d), data_dir)] = d
+        waiting, last = set(futures), time.monotonic()
+        while waiting:
+            finished, waiting = wait(waiting, timeout=min(progress_every, 5.0),
+                                     return_when=FIRST_COMPLETED)
+            for f in finished:
+                d = futures[f]
+                done[d] = f.result()  # a failed run raises here, naming its error
+                k, c = configs[d]
+                say(f"[{k}/{total}] {c.dni.method} T={c.train.truncation} seed={c.train.seed}: "
+                    f"done in {done[d]['elapsed_s']:.0f}s -> {d}")
+            if time.monotonic() - last >= progress_every:
+                last = time.monotonic()
+                for f in waiting:
+                    d = futures[f]
+                    line = _progress_line(d, budget)
+                    if line:
+                        k, c = configs[d]
+                        say(f"[{k}/{total}] {c.dni.method} T={c.train.truncation} "
+                            f"seed={c.train.seed}: {line} -> {d}")
+    return done
+
+
+def _progress_line(run_dir, budget):
+    """'45% of the tokens, 1,234 tok/s, ETA 3m20s' from the run's JSONL (None: not begun)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    recs = [r for r in recs if r.get("kind") == "train"]
+    if not recs:
+        return "starting"
+    r = recs[-1]
+    speed = r.get("tokens_per_s") or 0.0
+    left = max(budget - r["tokens"], 0)
+    eta = f"ETA {int(left / speed) // 60}m{int(left / speed) % 60:02d}s" if speed else "ETA ?"
+    return f"{100 * r['tokens'] / budget:.0f}% of the tokens, {speed:,.0f} tok/s, {eta}"
 
 
 def _finished(run_dir, cfg):

@@ -136,3 +136,18 @@ def test_compare_writes_table_csv_and_plots(tmp_path):
     lines.clear()
     sweep(cfg, [2], ["dni"], [1], 240, tmp_path, points=3, say=lines.append)  # reused
     assert "reused" in lines[0]
+
+
+def test_compare_in_parallel_jobs_equals_one_at_a_time(tmp_path, monkeypatch):
+    """--jobs 2: two runs at once in spawned processes, one thread each; the same summaries
+    as one run at a time with one thread, and a progress line per finished job."""
+    monkeypatch.setattr("dni_rnn.compare.os.cpu_count", lambda: 2)  # 2 cores / 2 jobs: 1 thread
+    cfg = load_recipe("copy-smoke", TINY_COPY + ["train.threads=1"])
+    one, two = [], []
+    rows1 = sweep(cfg, [2], ["bptt", "dni"], [1], 240, tmp_path / "one", points=3,
+                  say=one.append)
+    rows2 = sweep(cfg, [2], ["bptt", "dni"], [1], 240, tmp_path / "two", points=3,
+                  say=two.append, jobs=2, progress_every=0.5)
+    strip = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}
+    assert [strip(r) for r in rows1] == [strip(r) for r in rows2]
+    assert "2 at a time" in two[0] and sum("done in" in x for x in two) == 2
