@@ -7,7 +7,8 @@ finished runs (summary.json present) are reused, so an interrupted sweep resumes
         --jobs 2 [--only default,plain] [--cases word-T5] [--deadline 540]
 
 Writes OUT/results.csv (one row per run) and prints it. The language models run on
-train.device=auto (CUDA where present); copy and the demo on the CPU (`--cpu-jobs`).
+train.device=auto (CUDA where present); copy and the demo on the CPU (`--cpu-jobs`). The
+demo recipe trains one method per run here (`dni-rnn demo` runs both).
 """
 import argparse
 import csv
@@ -80,20 +81,13 @@ def run_dir(out, case, setting, seed):
 
 
 def summary_path(out, case, setting, seed):
-    """The demo trains plain TBPTT and DNI in one call, into bptt/ and dni/."""
-    if case != "demo":
-        return run_dir(out, case, setting, seed) / "summary.json"
-    if setting == "plain":
-        return run_dir(out, case, "default", seed) / "bptt" / "summary.json"
-    return run_dir(out, case, setting, seed) / "dni" / "summary.json"
+    return run_dir(out, case, setting, seed) / "summary.json"
 
 
 def launch(out, data_dir, case, setting, seed, deadline):
     d = run_dir(out, case, setting, seed)
     if summary_path(out, case, setting, seed).is_file():
         return d, "reused"
-    if case == "demo" and setting == "plain":
-        return d, "trained by demo-default"
     left = deadline - time.time()
     if left < 30:
         return d, "skipped"
