@@ -53,9 +53,10 @@ CASES = {
     "char-T5": ("ptb-char", {**LM, "train.max_tokens": "1000000", "train.truncation": "5",
                              "train.eval_tokens": "250000"}),
     "copy": ("copy", {"train.progress": "false"}),
+    "repeat-copy": ("repeat-copy", {"train.progress": "false"}),
     "demo": ("demo", {"train.progress": "false"}),
 }
-CPU_CASES = ("copy", "demo")
+CPU_CASES = ("copy", "repeat-copy", "demo")
 
 # (case, setting, seed) in priority order: the evidence table first, then the candidates
 EVIDENCE = (("word-T5", (1, 2, 3)), ("word-T10", (1, 2)), ("char-T5", (1, 2)),
