@@ -79,10 +79,6 @@ def per_example_norm(state, batch_dim=None):
     return total.sqrt()
 
 
-def features_per_example(state, batch_dim=None):
-    return sum(t.numel() // nest.batch_size(t, batch_dim) for t in nest.flatten(state))
-
-
 def cap_norm(state, max_norm, batch_dim=None):
     """Scale each example of `state` down so that its norm is at most `max_norm`.
 

@@ -19,9 +19,9 @@ import torch
 
 from . import deferred, nest
 from .interfaces import BackwardInterface
-from .stability import (DivergenceGuard, TargetRMS, cap_norm, features_per_example,
-                        forget_optimizer_state, zero_output_)
-from .synthesizers import current_context
+from .stability import (DivergenceGuard, TargetRMS, cap_norm, forget_optimizer_state,
+                        zero_output_)
+from .synthesizers import current_context, state_dim
 from .truncation import as_schedule
 
 
@@ -254,7 +254,7 @@ class TBPTTRunner:
             return nest.map_state(torch.zeros_like, nest.detach(new_state))
         g_hat = self.interface.synthesize(new_state, target_scale=scale)
         if self.sg_cap is not None and self.target_rms.known:
-            dim = features_per_example(g_hat, self.batch_dim)
+            dim = state_dim(g_hat, self.batch_dim)
             bound = self.sg_cap * self.target_rms.value() * math.sqrt(dim)
             g_hat, capped = cap_norm(g_hat, bound, self.batch_dim)
             if metrics is not None:
