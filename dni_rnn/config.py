@@ -128,6 +128,9 @@ class DNIConfig:
     guard: bool = _f(True, "recover from a diverging synthesizer (its target RMS up 100x within "
                            "500 updates, or the injected gradient above the real one): re-zero "
                            "it, halve beta")
+    calibrate: bool = _f(False, "inject the synthetic gradient times its measured calibration "
+                               "against the real gradients, clamped to [0, 1] (0 while it "
+                               "predicts nothing)")
     synth_lr: float = _f(0.0, "own Adam learning rate for the synthesizer (0: share the "
                               "model's optimizer)")
     synth_clip: float = _f(0.0, "gradient-norm clip of the synthesizer, separate (0: none)")

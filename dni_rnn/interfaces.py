@@ -32,6 +32,9 @@ class TriggerStats:
         self.gradient_sq = 0.0
         self.elements = 0
         self.filled = False
+        self.reference_dot = 0.0
+        self.reference_sq = 0.0
+        self.has_reference = False
 
     def add(self, message, target, gradient):
         self.squared_error = self.squared_error + (message - target).pow(2).sum()
@@ -41,6 +44,13 @@ class TriggerStats:
         self.gradient_sq = self.gradient_sq + gradient.pow(2).sum()
         self.elements += gradient.numel()
         self.filled = True
+
+    def add_reference(self, reference, gradient):
+        """Score a reference estimate of the gradient (e.g. the synthetic gradient injected
+        at this boundary one chunk earlier): sums of <reference, gradient> and |reference|^2."""
+        self.reference_dot = self.reference_dot + (reference * gradient).sum()
+        self.reference_sq = self.reference_sq + reference.pow(2).sum()
+        self.has_reference = True
 
     @property
     def loss(self):
@@ -80,9 +90,9 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
     trigger into the regression gradient for the message: d/dm sum((m - s*g)^2)/B."""
 
     @staticmethod
-    def forward(ctx, trigger, message, stats, scale):
+    def forward(ctx, trigger, message, stats, scale, reference):
         ctx.save_for_backward(message)
-        ctx.stats, ctx.scale = stats, scale
+        ctx.stats, ctx.scale, ctx.reference = stats, scale, reference
         return trigger.view_as(trigger)
 
     @staticmethod
@@ -90,12 +100,14 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
         (message,) = ctx.saved_tensors
         target = ctx.scale * grad
         ctx.stats.add(message.detach(), target, grad)
+        if ctx.reference is not None:
+            ctx.stats.add_reference(ctx.reference, grad)
         if isinstance(ctx.scale, (int, float)) and ctx.scale == 0:  # 0: measure only
             grad_message = torch.zeros_like(message)
         else:
             grad_message = 2.0 * (message - target) / ctx.stats.batch_size
         # the trigger is a fresh leaf: the real gradient stops here
-        return None, grad_message, None, None
+        return None, grad_message, None, None, None
 
 
 class BackwardInterface(nn.Module):
@@ -130,7 +142,7 @@ class BackwardInterface(nn.Module):
         self.target_scale = target_scale
         self.last_stats = None
 
-    def make_trigger(self, state, target_scale=None):
+    def make_trigger(self, state, target_scale=None, reference=None):
         """Mark `state` as a trigger: the real gradient that reaches it trains the synthesizer.
 
         The returned state is detached from `state`'s history (a fresh leaf that requires
@@ -140,6 +152,9 @@ class BackwardInterface(nn.Module):
             state: a tensor or nested tuple / list / dict of tensors.
             target_scale: overrides the interface's `target_scale` for this trigger; 0
                 measures the real gradient (`last_stats`) without training the synthesizer.
+            reference: optional estimate of the gradient at `state`, structured like it
+                (in gradient units): `last_stats` also scores it against the real gradient
+                (`reference_dot`, `reference_sq`).
         Returns:
             the trigger, structured like `state`. `self.last_stats` (a `TriggerStats`) is
             filled once the backward pass has reached it.
@@ -149,9 +164,13 @@ class BackwardInterface(nn.Module):
         tensors, messages = self._messages(state)
         scale = self._scale(target_scale)
         stats = TriggerStats(nest.batch_size(tensors[0], self.batch_dim))
+        refs = [None] * len(tensors)
+        if reference is not None:
+            refs = [r.detach() for r in
+                    nest.check_same_structure(state, reference, "reference gradient")]
         outs = [
-            _SyntheticGradientUpdater.apply(t.detach().requires_grad_(), m, stats, scale)
-            for t, m in zip(tensors, messages)
+            _SyntheticGradientUpdater.apply(t.detach().requires_grad_(), m, stats, scale, r)
+            for t, m, r in zip(tensors, messages, refs)
         ]
         self.last_stats = stats
         return nest.unflatten(state, outs)

@@ -25,7 +25,7 @@ class Meter:
     """Sums ChunkMetrics over one log interval."""
 
     FIELDS = ("grad_norm", "synth_loss", "cosine", "synthetic_norm", "real_norm", "aux_loss",
-              "target_rms", "capped", "injected_norm", "sg_scale")
+              "target_rms", "capped", "injected_norm", "sg_scale", "calibration")
 
     def __init__(self):
         self.reset()

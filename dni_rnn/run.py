@@ -160,7 +160,8 @@ class Run:
             synthesizer=self.synth, sg_scale=cfg.dni.sg_scale, bootstrap=cfg.dni.bootstrap,
             clip=cfg.optim.clip or None, synth_clip=cfg.dni.synth_clip or None,
             warmup=cfg.dni.warmup, target_scale=target_scale(cfg),
-            sg_cap=cfg.dni.sg_cap or None, guard=cfg.dni.guard, aux_head=self.aux,
+            sg_cap=cfg.dni.sg_cap or None, guard=cfg.dni.guard,
+            calibrate=cfg.dni.calibrate, aux_head=self.aux,
             aux_weight=cfg.dni.aux_weight if cfg.dni.method == "dni-aux" else 0.0,
             synth_optimizer=self.synth_optimizer, on_nonfinite=t.on_nonfinite)
         if self.resume:

@@ -198,3 +198,60 @@ def forget_optimizer_state(optimizer, params):
     """Drop the optimizer's per-parameter state (Adam moments, momentum) for `params`."""
     for p in params:
         optimizer.state.pop(p, None)
+
+
+class Calibration:
+    """How much of the synthetic gradient to trust, measured on the run itself.
+
+    The synthesizer is fitted to a moving target (the model it predicts for keeps
+    changing, partly under the synthetic gradient's own push), and out of sample its
+    output can point away from the gradient it predicts: measured on the copy tasks and
+    PTB words with the shipped settings, it did after the first few hundred updates
+    (docs/dni.md, "Calibration"). This keeps the least-squares scale of the injected
+    synthetic gradient against the real gradient that reached the same boundary one
+    chunk later (the synthesizer's own target),
+
+        c = EMA(<g_hat, g>) / EMA(|g_hat|^2),
+
+    and the runner injects `gate * g_hat` with `gate = clamp(c, 0, 1)`: all of a calibrated
+    predictor (an oracle's c is 1, so DNI stays exact), none of one that predicts nothing
+    or points the wrong way (plain TBPTT then, not a random push). Before anything was
+    measured the gate is 0. Everything stays on the device (no host sync).
+
+    Args:
+        decay: weight of the past per update (0.99: about the last hundred chunks).
+    """
+
+    def __init__(self, decay=0.99):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"calibration decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.reset()
+
+    def reset(self):
+        self.dot = None
+        self.square = None
+
+    def update(self, dot, square):
+        """Fold in one boundary's <g_hat, g> and |g_hat|^2 (0-d tensors)."""
+        dot, square = dot.detach(), square.detach()
+        if self.dot is None:
+            self.dot, self.square = dot, square
+        else:
+            self.dot = self.decay * self.dot + (1 - self.decay) * dot
+            self.square = self.decay * self.square + (1 - self.decay) * square
+
+    def gate(self):
+        """clamp(c, 0, 1) as a 0-d tensor; 0.0 before any measurement."""
+        if self.dot is None:
+            return 0.0
+        # |g_hat|^2 == 0 has <g_hat, g> == 0 too: 0 / tiny = 0, no sync needed
+        tiny = torch.finfo(self.square.dtype).tiny
+        return (self.dot / self.square.clamp_min(tiny)).clamp(0.0, 1.0)
+
+    def state_dict(self):
+        return {"dot": self.dot, "square": self.square, "decay": self.decay}
+
+    def load_state_dict(self, state):
+        self.dot, self.square = state["dot"], state["square"]
+        self.decay = float(state["decay"])

@@ -19,8 +19,8 @@ import torch
 
 from . import deferred, nest
 from .interfaces import BackwardInterface
-from .stability import (DivergenceGuard, TargetRMS, cap_norm, forget_optimizer_state,
-                        zero_output_)
+from .stability import (Calibration, DivergenceGuard, TargetRMS, cap_norm,
+                        forget_optimizer_state, zero_output_)
 from .synthesizers import current_context, state_dim
 from .truncation import as_schedule
 
@@ -39,7 +39,8 @@ class ChunkMetrics:
     real_norm: their norms (gradient units); aux_loss: the DNI + Aux loss; target_rms: the
     running RMS of the real gradients at the triggers; capped: fraction of streams whose
     synthetic gradient `sg_cap` scaled down; injected_norm: the norm of what was injected at
-    the chunk's end (beta * capped g_hat); sg_scale: beta in force; recovery: why the
+    the chunk's end (beta * gate * capped g_hat); sg_scale: beta in force; calibration:
+    the gate in force at the chunk's end (`stability.Calibration`); recovery: why the
     guard reset the synthesizer after this chunk (else None).
     """
 
@@ -57,6 +58,7 @@ class ChunkMetrics:
     capped: float = None
     injected_norm: float = None
     sg_scale: float = None
+    calibration: float = None
     recovery: str = None
     skipped: bool = False
 
@@ -90,6 +92,12 @@ class TBPTTRunner:
         sg_cap: the synthetic gradient of each stream is scaled down to at most `sg_cap`
             times the running RMS norm of the real gradients at the triggers (None or 0:
             no cap). A cap that does not bind leaves the update exact.
+        calibrate: inject `gate * g_hat`, the gate in [0, 1] being the measured
+            least-squares scale of past synthetic gradients against the real gradients
+            that reached the same boundaries a chunk later (`stability.Calibration`): 1 for
+            a synthesizer that predicts (an oracle keeps DNI exact), 0 for one that does
+            not. Assumes consecutive `train_chunk` calls continue the same streams while
+            `future` is True (as `walk` does).
         guard: recover from a diverging synthesizer (see `stability.DivergenceGuard`):
             re-zero its output, forget its optimizer state and target RMS, halve beta and
             lambda. `ChunkMetrics.recovery` says when and why.
@@ -104,7 +112,8 @@ class TBPTTRunner:
 
     def __init__(self, model, loss_fn, optimizer, truncation=35, synthesizer=None,
                  sg_scale=0.1, bootstrap=None, clip=0.25, synth_clip=None, warmup=0,
-                 target_scale="rms", sg_cap=1.0, guard=True, aux_head=None, aux_weight=0.0,
+                 target_scale="rms", sg_cap=1.0, guard=True, calibrate=False, aux_head=None,
+                 aux_weight=0.0,
                  synth_optimizer=None, batch_dim=None, on_nonfinite="raise"):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.schedule = as_schedule(truncation)
@@ -132,6 +141,8 @@ class TBPTTRunner:
         self.sg_cap = float(sg_cap) if sg_cap else None
         self.target_rms = TargetRMS()
         self.guard = DivergenceGuard() if guard and synthesizer is not None else None
+        self.calibration = Calibration() if calibrate and synthesizer is not None else None
+        self._reference = None  # the g_hat injected at the last chunk's end, before the gate
         self.recoveries = 0
         self.interface = BackwardInterface(synthesizer, batch_dim) if synthesizer is not None else None
         self.model_params = [p for p in model.parameters() if p.requires_grad]
@@ -212,8 +223,16 @@ class TBPTTRunner:
     def _dni_chunk(self, inputs, targets, state, resets, future, next_resets, metrics):
         scale = self._scale(metrics.tokens)
         beta = self.sg_scale if self.step >= self.warmup else 0.0
+        reference, self._reference = self._reference, None
+        if reference is not None:
+            refs, tensors = nest.flatten(reference), nest.flatten(state)
+            if [r.shape for r in refs] != [t.shape for t in tensors]:
+                reference = None  # not the continuation of the last chunk's streams
+            else:  # (a resumed checkpoint holds it on the CPU)
+                reference = nest.unflatten(state, [r.to(t.device) for r, t in zip(refs, tensors)])
+        gate = self.calibration.gate() if self.calibration is not None else 1.0
         with deferred.defer_backward():
-            trigger = self.interface.make_trigger(state, target_scale=scale)
+            trigger = self.interface.make_trigger(state, target_scale=scale, reference=reference)
             outputs, new_state, first = self._forward(inputs, trigger, resets, split_first=self._aux_on())
             deferred.backward(self._loss(outputs, targets, metrics))
             g_hat = injected = None
@@ -221,17 +240,25 @@ class TBPTTRunner:
                 g_hat = self._synthesize(new_state, scale, metrics)
                 if next_resets is not None:
                     g_hat = self._zero_streams(g_hat, next_resets)
+                predicted = g_hat
+                if self.calibration is not None:
+                    self._reference = predicted
+                    g_hat = nest.map_state(lambda g: gate * g, g_hat)
                 if beta:
                     deferred.backward(new_state, nest.map_state(lambda g: beta * g, g_hat))
                 injected = beta * sum(g.pow(2).sum() for g in nest.flatten(g_hat)).sqrt()
                 if self.bootstrap != beta:
                     self._bootstrap_correction(trigger, new_state, g_hat, self.bootstrap - beta)
                 if self._aux_on():
-                    aux = self._aux_loss(first, g_hat, scale)
+                    aux = self._aux_loss(first, predicted, scale)
                     metrics.aux_loss = aux.item()
                     deferred.backward(self.aux_weight * aux)
         stats = self.interface.last_stats
         metrics.sg_scale = self.sg_scale
+        if self.calibration is not None:
+            if stats.has_reference:
+                self.calibration.update(stats.reference_dot, stats.reference_sq)
+            metrics.calibration = float(gate)
         if stats.filled:
             self.target_rms.update(stats.gradient_mean_square)
             metrics.synth_loss = float(stats.loss)
@@ -285,6 +312,9 @@ class TBPTTRunner:
             if opt is not None:
                 forget_optimizer_state(opt, self.synth_params)
         self.target_rms.reset()
+        if self.calibration is not None:
+            self.calibration.reset()
+            self._reference = None
         self.guard.restart(recovered=True)
         self.sg_scale *= 0.5
         self.bootstrap *= 0.5
@@ -449,7 +479,10 @@ class TBPTTRunner:
         return {"step": self.step, "schedule": sched, "sg_scale": self.sg_scale,
                 "bootstrap": self.bootstrap, "target_rms": self.target_rms.state_dict(),
                 "guard": self.guard.state_dict() if self.guard is not None else None,
-                "recoveries": self.recoveries}
+                "recoveries": self.recoveries,
+                "calibration": (self.calibration.state_dict()
+                                if self.calibration is not None else None),
+                "reference": self._reference}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
@@ -461,6 +494,10 @@ class TBPTTRunner:
             if self.guard is not None and state["guard"] is not None:
                 self.guard.load_state_dict(state["guard"])
             self.recoveries = int(state["recoveries"])
+        if self.calibration is not None:  # checkpoints before the gate: measure afresh
+            if state.get("calibration") is not None:
+                self.calibration.load_state_dict(state["calibration"])
+            self._reference = state.get("reference")
 
 
 # ---- shared by training and evaluation ------------------------------------------------

@@ -35,6 +35,9 @@ SETTINGS = {
     "cap3": {**DNI, "dni.sg_cap": "3"},
     "synth-lr": {**DNI, "dni.synth_lr": "1e-4"},
     "warmup": {**DNI, "dni.warmup": "1000"},
+    # the calibration gate (stability.Calibration): inject clamp(c, 0, 1) * g_hat
+    "calib": {**DNI, "dni.calibrate": "true"},
+    "calib-b1": {**DNI, "dni.calibrate": "true", "dni.sg_scale": "1"},
     # the settings shipped before: raw targets (LMs) / x1000 with beta = lambda = 1 (copy),
     # no cap, no guard; and the old LM setting with only the guard added
     "old": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "false"},

@@ -12,7 +12,7 @@ from dni_rnn.diagnostics import diagnose, future_gradients
 from dni_rnn.training import train
 from helpers import OracleSynthesizer, chunk_loss, full_bptt, make_problem
 
-EXACT = dict(target_scale="raw", sg_cap=None, guard=False)
+EXACT = dict(target_scale="raw", sg_cap=None, guard=False, calibrate=False)
 
 
 def test_future_gradients_are_those_of_full_bptt():

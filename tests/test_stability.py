@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import dni_rnn as dni
-from dni_rnn.stability import DivergenceGuard, TargetRMS, cap_norm, per_example_norm
-from helpers import BiasSynthesizer, chunk_loss, make_problem
+from dni_rnn.stability import (Calibration, DivergenceGuard, TargetRMS, cap_norm,
+                               per_example_norm)
+from helpers import BiasSynthesizer, OracleSynthesizer, chunk_loss, full_bptt, make_problem
 from test_tbptt import EXACT, RecordingOptimizer
 
 
@@ -69,7 +70,7 @@ def test_a_binding_cap_injects_the_capped_synthetic_gradient():
             b.normal_(0.0, 10.0)  # far above the real gradients: the cap binds
     opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
     runner = _runner(model, synth, opt, sg_scale=0.5, bootstrap=0.5, target_scale="raw",
-                     sg_cap=2.0, guard=False)
+                     sg_cap=2.0, guard=False, calibrate=False)
     mid, _ = runner.train_chunk(x[:4], y[:4], state)
     rms = float(runner.target_rms.value())
     opt.total = None
@@ -97,7 +98,7 @@ def test_rms_units_regress_onto_the_gradient_over_its_running_rms():
             b.normal_(0.0, 1.0)
     opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
     runner = _runner(model, synth, opt, sg_scale=0.1, target_scale="rms", sg_cap=None,
-                     guard=False)
+                     guard=False, calibrate=False)
     n_model = len(list(model.parameters()))
     mid, m0 = runner.train_chunk(x[:4], y[:4], state)
     # chunk 1: the real gradient at the trigger sets the scale; the message is not regressed
@@ -192,12 +193,17 @@ def test_guard_recovers_a_diverging_run_to_plain_tbptt_loss():
     try:
         data = _markov_streams()
         plain, _, _ = _train(data, None)
-        unstable = dict(sg_scale=1.0, bootstrap=1.0, target_scale="raw", sg_cap=None)
+        unstable = dict(sg_scale=1.0, bootstrap=1.0, target_scale="raw", sg_cap=None,
+                        calibrate=False)
         diverged, _, _ = _train(data, {**unstable, "guard": False})
         recovered, runner, metrics = _train(data, {**unstable, "guard": True})
+        gated, gated_runner, _ = _train(data, {**unstable, "guard": False, "calibrate": True})
     finally:
         torch.set_num_threads(threads)
     assert diverged > plain + 1.0, (diverged, plain)      # without the guard the run is lost
+    # the calibration gate alone also keeps it: this synthesizer points nowhere useful
+    assert math.isfinite(gated) and gated < plain + 0.1, (gated, plain)
+    assert float(gated_runner.calibration.gate()) < 0.5
     assert runner.recoveries >= 1 and runner.sg_scale < 1.0
     events = [m for m in metrics if m.recovery]
     assert len(events) == runner.recoveries and "re-zeroed" in events[0].recovery
@@ -214,10 +220,114 @@ def test_a_recovery_leaves_the_synthesizer_at_zero_after_its_chunk():
     runner = dni.TBPTTRunner(model, _lm_loss, torch.optim.Adam(
         list(model.parameters()) + list(synth.parameters()), lr=1e-2), truncation=2,
         synthesizer=synth, clip=1.0, sg_scale=1.0, bootstrap=1.0, target_scale="raw",
-        sg_cap=None, guard=True)
+        sg_cap=None, guard=True, calibrate=False)
     for _, _, m in runner.walk(data[:-1], data[1:]):
         if m.recovery:
             break
     assert m.recovery, "the unstable setting should trip the guard"
     out = synth.synthesizer.output
     assert out.weight.abs().max() == 0 and out.bias.abs().max() == 0
+
+
+def test_calibration_gate_is_the_clamped_least_squares_scale():
+    cal = Calibration(decay=0.5)
+    assert cal.gate() == 0.0                       # nothing measured: nothing injected
+    cal.update(torch.tensor(0.0), torch.tensor(0.0))
+    assert float(cal.gate()) == 0.0                # a zero synthesizer: 0, not NaN
+    cal.update(torch.tensor(2.0), torch.tensor(8.0))
+    assert float(cal.gate()) == pytest.approx(1.0 / 4.0)   # EMA(1, 4): (0.5*0+.5*2)/(0.5*0+.5*8)
+    cal.update(torch.tensor(-30.0), torch.tensor(8.0))
+    assert float(cal.gate()) == 0.0                # pointing the wrong way: clamped to 0
+    for _ in range(40):
+        cal.update(torch.tensor(9.0), torch.tensor(3.0))
+    assert float(cal.gate()) == 1.0                # over-confident but aligned: at most 1
+    again = Calibration()
+    again.load_state_dict(cal.state_dict())
+    assert float(again.gate()) == float(cal.gate())
+
+
+def _calibrated_runner(synth, model, opt, **kw):
+    return dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, clip=None, synthesizer=synth,
+                           **{**EXACT, "calibrate": True, **kw})
+
+
+def test_calibration_gates_the_injection_by_the_measured_scale():
+    """Chunk 1 injects nothing (no measurement); chunk 2 scores chunk 1's g_hat against the
+    real gradient at its boundary and injects gate * g_hat, gate = clamp(<g_hat, g>/|g_hat|^2)."""
+    model, x, y, state = make_problem(n_steps=12)
+    # the real gradient at the first boundary (the recording optimizer moves nothing)
+    with torch.no_grad():
+        _, s1 = model(x[:4], state)
+    leaf = tuple(t.clone().requires_grad_() for t in s1)
+    out, _ = model(x[4:8], leaf)
+    g1 = torch.autograd.grad(chunk_loss(out, y[4:8]), leaf)
+    synth = BiasSynthesizer(state)
+    with torch.no_grad():  # an over-confident, noisy estimate of it: a gate inside (0, 1)
+        for b, g in zip(synth.biases, g1):
+            b.copy_(3 * g + g.std() * torch.randn_like(g))
+    opt = RecordingOptimizer(list(model.parameters()) + list(synth.parameters()))
+    runner = _calibrated_runner(synth, model, opt, sg_scale=0.5)
+    n_model = len(list(model.parameters()))
+    # chunk 1: gate 0, the model's gradient is plain TBPTT's
+    g_hat1 = tuple(b.detach().clone() for b in synth.biases)
+    mid, m1 = runner.train_chunk(x[:4], y[:4], state)
+    assert m1.calibration == 0.0
+    leaf = tuple(t.clone() for t in state)
+    out, _ = model(x[:4], leaf)
+    plain = torch.autograd.grad(chunk_loss(out, y[:4]), list(model.parameters()))
+    for a, b in zip(opt.total[:n_model], plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    # chunk 2: the real gradient at its trigger (beta * 0 * ... injected: dL_2/ds_1 only)
+    opt.total = None
+    g_hat2 = tuple(b.detach().clone() for b in synth.biases)  # RecordingOptimizer moves nothing
+    mid2, m2 = runner.train_chunk(x[4:8], y[4:8], mid)
+    c = sum((a * b).sum() for a, b in zip(g_hat1, g1)) / sum(a.pow(2).sum() for a in g_hat1)
+    gate = float(c.clamp(0, 1))
+    assert 0 < gate < 1, "the test needs a gate strictly inside (0, 1)"
+    assert m2.calibration == 0.0  # chunk 2 injects with what was known before it
+    # chunk 3 injects gate * g_hat
+    opt.total = None
+    _, m3 = runner.train_chunk(x[8:], y[8:], mid2, future=True)
+    assert m3.calibration == pytest.approx(gate, rel=1e-12)
+    leaf = tuple(t.clone() for t in mid2)
+    out, end = model(x[8:], leaf)
+    objective = chunk_loss(out, y[8:]) + 0.5 * gate * sum((g * s).sum() for g, s in zip(g_hat2, end))
+    expected = torch.autograd.grad(objective, list(model.parameters()))
+    for a, b in zip(opt.total[:n_model], expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_calibration_trusts_an_oracle_fully_and_a_reversed_one_not_at_all(sign):
+    """An oracle's gate opens from its first measurement on; a reversed oracle's stays 0,
+    and the run is plain TBPTT exactly. (The gate scales the bootstrapped part of the
+    targets too, so an oracle of the full future gradient scores below 1 while the gate
+    is below 1; 1 is the fixed point.)"""
+    T = 3
+    model, x, y, state = make_problem(n_steps=12)
+    reference, values, future = full_bptt(model, x, y, state, T)
+    oracle = OracleSynthesizer(values, future)
+    if sign < 0:
+        oracle = _Negated(oracle)
+    opt = RecordingOptimizer(model.parameters())
+    runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=T, clip=None,
+                             synthesizer=oracle, sg_scale=1.0, **{**EXACT, "calibrate": True})
+    _, metrics = runner.run(x, y, state=state)
+    gates = [m.calibration for m in metrics[:-1]]
+    if sign > 0:
+        assert gates[:2] == [0.0, 0.0] and all(0.0 < g <= 1.0 for g in gates[2:])
+    else:
+        assert all(g == 0.0 for g in gates)
+        plain_opt = RecordingOptimizer(model.parameters())
+        dni.TBPTTRunner(model, chunk_loss, plain_opt, truncation=T, clip=None).run(x, y, state=state)
+        for a, b in zip(opt.total, plain_opt.total):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+class _Negated(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, state, context):
+        return tuple(-m for m in self.inner(state, context))
