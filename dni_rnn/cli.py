@@ -89,6 +89,8 @@ def build_parser():
     c.add_argument("--seeds", default="1", help="comma-separated seeds")
     c.add_argument("--budget-tokens", type=int, default=0,
                    help="training tokens per run (default: the recipe's train.max_tokens)")
+    c.add_argument("--budget-updates", type=int, default=0,
+                   help="updates per run instead of tokens (the copy tasks: same updates at each T)")
     c.add_argument("--points", type=int, default=10, help="validations per run")
     c.add_argument("--jobs", type=int, default=0, help="runs trained at once, each with cores / "
                    "jobs torch threads (default 0: one per core, at most the runs left)")
@@ -189,7 +191,8 @@ def cmd_compare(args):
     out = args.out or str(Path("runs") / f"compare-{cfg.recipe}")
     sweep(cfg, parse_list(args.truncations, int, "--truncations"),
           parse_list(args.methods, str, "--methods"), parse_list(args.seeds, int, "--seeds"),
-          args.budget_tokens, out, data_dir=args.data_dir, points=args.points, jobs=args.jobs)
+          args.budget_tokens, out, data_dir=args.data_dir, points=args.points, jobs=args.jobs,
+          budget_updates=args.budget_updates)
     print((Path(out) / "results.md").read_text(), end="")
     return 0
 

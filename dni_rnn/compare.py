@@ -4,11 +4,14 @@
         train(recipe with dni.method=method, train.truncation=T, train.seed=seed,
               train.max_tokens=budget)        -> OUT/<method>-T<T>-s<seed>/
     -> OUT/results.md, OUT/results.csv        one row per (method, T), seeds averaged
+    -> OUT/runs.csv                           one row per run (docs/RESULTS.md reads these)
     -> OUT/valid_vs_tokens.png, OUT/valid_vs_updates.png
                                               one line per (method, T)
 
 Every run sees the same number of training tokens (so T=2 makes 17x the updates of
 T=35) and validates every budget / `points` tokens, so the curves share their x grid.
+With `budget_updates` instead, every run makes the same number of updates and validates
+as its recipe says (the copy tasks' curriculum needs its frequent checks).
 A finished run (summary.json present) is reused, so an interrupted sweep can be rerun.
 
 `jobs` > 1 trains that many runs at once, each in a process of its own with
@@ -47,13 +50,14 @@ def parse_list(text, kind, name):
 
 
 def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=None, points=10,
-          say=print, jobs=1, progress_every=30.0):
+          say=print, jobs=1, progress_every=30.0, budget_updates=0):
     """Run every (method, T, seed) and write the tables and plots.
 
     Args:
         cfg: the recipe's Config (its own method, truncation and seed are replaced).
         truncations, methods, seeds: the grid.
         budget_tokens: training tokens per run (0: the recipe's own budget).
+        budget_updates: updates per run instead of a token budget (0: none).
         out_dir: where runs, tables and plots go.
         data_dir: the corpus directory (--data-dir).
         points: validations per run (evenly spaced in tokens).
@@ -70,10 +74,13 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
     for T in truncations:
         if T < 1:
             raise ConfigError(f"--truncations: lengths must be >= 1, got {T}")
-    budget = budget_tokens or cfg.train.max_tokens
+    if budget_tokens and budget_updates:
+        raise ConfigError("compare: give --budget-tokens or --budget-updates, not both")
+    budget = budget_updates or budget_tokens or cfg.train.max_tokens
     if not budget:
-        raise ConfigError("compare needs a token budget: --budget-tokens N (or train.max_tokens "
-                          "in the recipe)")
+        raise ConfigError("compare needs a budget: --budget-tokens N or --budget-updates N (or "
+                          "train.max_tokens in the recipe)")
+    unit = "updates" if budget_updates else "tokens"
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -84,11 +91,14 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
     for k, (method, T, seed) in enumerate(grid, start=1):
         c = copy.deepcopy(cfg)
         c.dni.method, c.train.truncation, c.train.seed = method, T, seed
-        c.train.max_tokens = budget
-        c.train.max_steps = 0
         c.train.epochs = max(c.train.epochs, 10**6)  # the budget decides
-        c.train.eval_interval = 0
-        c.train.eval_tokens = max(budget // points, 1)
+        if unit == "updates":
+            c.train.max_steps, c.train.max_tokens, c.train.eval_tokens = budget, 0, 0
+            c.train.eval_interval = c.train.eval_interval or max(budget // points, 1)
+        else:
+            c.train.max_tokens, c.train.max_steps = budget, 0
+            c.train.eval_interval = 0
+            c.train.eval_tokens = max(budget // points, 1)
         c.train.out_dir = ""
         validate(c)
         run_dir = out / f"{method}-T{T}-s{seed}"
@@ -106,14 +116,15 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
             summaries[d] = train(c, out_dir=d, resume=(d / "last.pt").is_file(),
                                  data_dir=data_dir, quiet=True)
     else:
-        summaries.update(_parallel(configs, pending, len(grid), jobs, budget, data_dir, say,
-                                   progress_every))
+        summaries.update(_parallel(configs, pending, len(grid), jobs, (budget, unit), data_dir,
+                                   say, progress_every))
     runs = [{"method": m, "T": T, "seed": s, "summary": summaries[out / f"{m}-T{T}-s{s}"],
              "curve": _curve(out / f"{m}-T{T}-s{s}", summaries[out / f"{m}-T{T}-s{s}"]["metric"])}
             for m, T, s in grid]
     rows = _rows(runs, methods, truncations)
     metric = METRICS[runs[0]["summary"]["metric"]]
-    write_tables(rows, metric, out, budget, seeds)
+    write_tables(rows, metric, out, budget, seeds, unit)
+    write_runs(runs, out)
     plotted = plot(runs, metric, out)
     say(f"wrote {out / 'results.md'} and {out / 'results.csv'}"
         + (f"; plots {', '.join(str(p) for p in plotted)}" if plotted else
@@ -164,7 +175,10 @@ def _parallel(configs, pending, total, jobs, budget, data_dir, say, progress_eve
 
 
 def _progress_line(run_dir, budget):
-    """'45% of the tokens, 1,234 tok/s, ETA 3m20s' from the run's JSONL (None: not begun)."""
+    """'45% of the tokens, 1,234 tok/s, ETA 3m20s' from the run's JSONL (None: not begun).
+
+    `budget`: (amount, "tokens" or "updates")."""
+    budget, unit = budget
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -174,9 +188,14 @@ def _progress_line(run_dir, budget):
         return "starting"
     r = recs[-1]
     speed = r.get("tokens_per_s") or 0.0
-    left = max(budget - r["tokens"], 0)
+    if unit == "updates":  # in tokens, at this run's tokens per update so far
+        left = max(budget - r["step"], 0) * r["tokens"] / max(r["step"], 1)
+        done = f"{100 * r['step'] / budget:.0f}% of the updates"
+    else:
+        left = max(budget - r["tokens"], 0)
+        done = f"{100 * r['tokens'] / budget:.0f}% of the tokens"
     eta = f"ETA {int(left / speed) // 60}m{int(left / speed) % 60:02d}s" if speed else "ETA ?"
-    return f"{100 * r['tokens'] / budget:.0f}% of the tokens, {speed:,.0f} tok/s, {eta}"
+    return f"{done}, {speed:,.0f} tok/s, {eta}"
 
 
 def _finished(run_dir, cfg):
@@ -229,7 +248,31 @@ def _fmt(v, sd, metric):
     return text + (f" ± {sd:.{digits}f}" if sd else "")
 
 
-def write_tables(rows, metric, out, budget, seeds):
+def write_runs(runs, out):
+    """runs.csv: one row per run (method, T, seed and what it reached)."""
+    keys = ["method", "T", "seed", "metric", "best", "final", "test", "updates", "tokens",
+            "tokens_per_s", "elapsed_s", "recoveries"]
+    with open(out / "runs.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for r in runs:
+            s = r["summary"]
+            test = s.get("test_metric")
+            w.writerow({"method": r["method"], "T": r["T"], "seed": r["seed"],
+                        "metric": s["metric"], "best": _round(s["best_metric"]),
+                        "final": _round(r["curve"][-1][2]) if r["curve"] else "",
+                        "test": "" if test is None else _round(test),
+                        "updates": s["steps"], "tokens": s["tokens"],
+                        "tokens_per_s": round(s["tokens_per_s"]),
+                        "elapsed_s": round(s["elapsed_s"], 1),
+                        "recoveries": s.get("recoveries", 0)})
+
+
+def _round(v):
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def write_tables(rows, metric, out, budget, seeds, unit="tokens"):
     """results.md (Markdown) and results.csv (one row per method and T)."""
     measured = metric.from_loss is None  # by the task itself, at validation only
     head = ["method", "T", "seeds", "updates", "tokens"]
@@ -241,7 +284,7 @@ def write_tables(rows, metric, out, budget, seeds):
     head += ["tokens/s"]
     direction = "higher" if metric.higher_is_better else "lower"
     lines = [f"# Truncation sweep: {metric.label} ({direction} is better)", "",
-             f"Budget {budget:,} training tokens per run; seeds {', '.join(map(str, seeds))} "
+             f"Budget {budget:,} training {unit} per run; seeds {', '.join(map(str, seeds))} "
              "(mean ± standard deviation).", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:

@@ -38,6 +38,8 @@ SETTINGS = {
     # the calibration gate (stability.Calibration): inject clamp(c, 0, 1) * g_hat
     "calib": {**DNI, "dni.calibrate": "true"},
     "calib-b1": {**DNI, "dni.calibrate": "true", "dni.sg_scale": "1"},
+    "aux": {**DNI, "dni.method": "dni-aux"},
+    "calib-aux": {**DNI, "dni.method": "dni-aux", "dni.calibrate": "true"},
     # the settings shipped before: raw targets (LMs) / x1000 with beta = lambda = 1 (copy),
     # no cap, no guard; and the old LM setting with only the guard added
     "old": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "false"},

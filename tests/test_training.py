@@ -1,4 +1,5 @@
 """The training loop in-process: bit-exact resume, evaluation, plateau decay, compare."""
+import csv as csv_module
 import json
 import math
 
@@ -7,7 +8,7 @@ import torch
 
 from dni_rnn import checkpoint as ckpt
 from dni_rnn.compare import sweep
-from dni_rnn.config import load_recipe
+from dni_rnn.config import ConfigError, load_recipe
 from dni_rnn.tbptt import TBPTTRunner
 from dni_rnn.training import evaluate_checkpoint, train
 
@@ -133,9 +134,23 @@ def test_compare_writes_table_csv_and_plots(tmp_path):
     for name in ("valid_vs_tokens.png", "valid_vs_updates.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert len(list(tmp_path.glob("*-T*-s*/summary.json"))) == 8
+    runs = list(csv_module.DictReader(open(tmp_path / "runs.csv")))
+    assert [(r["method"], r["T"], r["seed"]) for r in runs][:3] == [
+        ("bptt", "2", "1"), ("bptt", "2", "2"), ("bptt", "3", "1")]
+    assert len(runs) == 8 and all(r["metric"] == "length" and int(r["tokens"]) >= 240 for r in runs)
     lines.clear()
     sweep(cfg, [2], ["dni"], [1], 240, tmp_path, points=3, say=lines.append)  # reused
     assert "reused" in lines[0]
+
+
+def test_compare_on_an_update_budget_gives_every_T_the_same_updates(tmp_path):
+    cfg = load_recipe("copy-smoke", TINY_COPY)
+    rows = sweep(cfg, [2, 3], ["bptt"], [1], 0, tmp_path, points=3, say=lambda _: None,
+                 budget_updates=12)
+    assert [r["updates"] for r in rows] == [12, 12]
+    assert "training updates per run" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ConfigError, match="not both"):
+        sweep(cfg, [2], ["bptt"], [1], 100, tmp_path, budget_updates=12)
 
 
 def test_compare_in_parallel_jobs_equals_one_at_a_time(tmp_path, monkeypatch):
