@@ -109,6 +109,8 @@ class ModelConfig:
     num_layers: int = _f(2, "stacked recurrent layers")
     dropout: float = _f(0.0, "dropout on embeddings, between layers and before the decoder")
     tie_weights: bool = _f(False, "share embedding and decoder weights")
+    init_range: float = _f(0.0, "initialise every weight uniform in [-r, r] (Zaremba et al.: "
+                                "0.1; 0: PyTorch's defaults, embeddings and decoder 0.1)")
 
 
 @dataclass
@@ -148,6 +150,9 @@ class OptimConfig:
                                     "improving (1: never)")
     plateau_patience: int = _f(0, "validations without improvement before the lr decays")
     min_lr: float = _f(1e-5, "the lr never decays below this")
+    decay_after: int = _f(0, "after each epoch from this one on, multiply the lr by "
+                             "optim.decay_factor (Zaremba et al.: 4; 0: off)")
+    decay_factor: float = _f(0.5, "the per-epoch lr factor of optim.decay_after")
 
 
 @dataclass
@@ -380,6 +385,9 @@ def validate(cfg):
     need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
     target_scale(cfg)
     need(0 < cfg.optim.plateau_factor <= 1, "optim.plateau_factor must lie in (0, 1]")
+    need(0 < cfg.optim.decay_factor <= 1, "optim.decay_factor must lie in (0, 1]")
+    need(cfg.optim.decay_after >= 0, "optim.decay_after must be >= 0 (0: off)")
+    need(cfg.model.init_range >= 0, "model.init_range must be >= 0 (0: the defaults)")
     need(cfg.model.embed_dim == cfg.model.hidden_dim or not cfg.model.tie_weights,
          "model.tie_weights needs model.embed_dim == model.hidden_dim")
     need(cfg.train.log_interval >= 1, "train.log_interval must be >= 1")

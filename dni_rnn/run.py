@@ -235,6 +235,10 @@ class Run:
         if stream_end:
             self.stream = self.state = None
             p.epoch += 1 if self.task.epoch_based else 0
+            decay = self.cfg.optim.decay_after
+            if decay and self.task.epoch_based and p.epoch >= decay:  # a fixed schedule
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= self.cfg.optim.decay_factor
         self.bar.update(1)
         if self.step % t.log_interval == 0:
             self.log_interval()

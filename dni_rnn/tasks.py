@@ -118,8 +118,12 @@ class LanguageModelTask:
 
     def build_model(self):
         m = self.cfg.model
-        return RNNLanguageModel(len(self.vocab), m.embed_dim, m.hidden_dim, m.num_layers,
-                                cell=m.cell, dropout=m.dropout, tie_weights=m.tie_weights)
+        model = RNNLanguageModel(len(self.vocab), m.embed_dim, m.hidden_dim, m.num_layers,
+                                 cell=m.cell, dropout=m.dropout, tie_weights=m.tie_weights)
+        if m.init_range:
+            for p in model.parameters():
+                torch.nn.init.uniform_(p, -m.init_range, m.init_range)
+        return model
 
     @staticmethod
     def loss_fn(outputs, targets):

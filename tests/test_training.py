@@ -166,3 +166,20 @@ def test_compare_in_parallel_jobs_equals_one_at_a_time(tmp_path, monkeypatch):
     strip = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}
     assert [strip(r) for r in rows1] == [strip(r) for r in rows2]
     assert "2 at a time" in two[0] and sum("done in" in x for x in two) == 2
+
+
+def test_zaremba_recipe_halves_the_lr_each_epoch_and_initialises_uniformly(ptb_dir, tmp_path):
+    """ptb-word-zaremba-small: SGD, plain TBPTT, the lr halved after each epoch from
+    optim.decay_after on (the smoke variant: from the 1st), every weight in [-0.1, 0.1]."""
+    from dni_rnn.tasks import build_task
+    cfg = load_recipe("ptb-word-zaremba-small-smoke", ["train.progress=false",
+                                                       "data.train_tokens=2000"])
+    cfg.data.data_dir = str(ptb_dir.parent)
+    task = build_task(cfg)
+    model = task.build_model()
+    assert all(float(p.abs().max()) <= 0.1 for p in model.parameters())
+    assert max(float(p.abs().max()) for p in model.parameters()) > 0.09
+    s = train(cfg, out_dir=tmp_path, quiet=True)
+    assert s["method"] == "bptt" and s["epochs"] == 3
+    evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in evals if r.get("split") == "valid"] == [10.0, 5.0, 2.5]
