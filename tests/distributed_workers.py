@@ -93,11 +93,33 @@ def scenarios(runs):
         world.close()
 
 
-def everything(cases, runs):
-    """One launch for the whole test file: the runner cases, then the recipe runs."""
+def everything(cases, runs, pairs, vocab):
+    """One launch for the whole test file: the runner cases, the recipe runs, then the
+    decoupled two-part runs."""
     world = distributed.from_env()
     try:
         return {"runner": {case: runner_problem(world, case) for case in cases},
-                "runs": {name: train_recipe(**kwargs) for name, kwargs in runs}}
+                "runs": {name: train_recipe(**kwargs) for name, kwargs in runs},
+                "pairs": decoupled_pairs(pairs, vocab)}
     finally:
         world.close()
+
+
+def markov_streams(n_steps=201, batch=4, vocab=12, seed=0):
+    """(N, B) ids of a random first-order Markov chain: something to learn, no download."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.rand(vocab, vocab, generator=g).pow(4)
+    ids = torch.zeros(n_steps, batch, dtype=torch.long)
+    for t in range(1, n_steps):
+        ids[t] = torch.multinomial(table[ids[t - 1]], 1, generator=g).squeeze(1)
+    return ids
+
+
+def decoupled_pairs(runs, vocab):
+    """Several two-part runs in the same 2 processes: [(name, Options), ...]."""
+    from dni_rnn import decoupled
+
+    data = markov_streams(vocab=vocab)
+    valid = markov_streams(n_steps=61, batch=2, vocab=vocab, seed=1)
+    return {name: decoupled.train_pair(data[:-1], data[1:], valid, vocab, opts)
+            for name, opts in runs}

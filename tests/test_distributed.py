@@ -4,8 +4,12 @@ W = 2 ranks on a global batch B make the very updates of one process on B: float
 runner problems (plain TBPTT, DNI with the defaults, exact DNI with lambda != beta, DNI +
 Aux) to 1e-12, recipes through `training.train` to float32 rounding; a resumed 2-rank run
 equals an uninterrupted one bit for bit; another world size is refused on resume.
+Decoupled training (`decoupled.py`): the two parts in lock-step equal plain TBPTT of the
+whole stack in one process; decoupled, part A learns from synthetic gradients, and the
+numbers do not depend on how fast part B is.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,8 +18,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import dni_rnn as dni
 from dni_rnn import checkpoint as ckpt
-from dni_rnn import distributed
+from dni_rnn import decoupled, distributed
 from dni_rnn.config import ConfigError
 
 import distributed_workers as workers
@@ -35,6 +40,13 @@ WORDS = ["model.embed_dim=16", "model.hidden_dim=16", "train.random_truncation=t
          "train.max_steps=14", "train.eval_interval=5", "train.log_interval=1",
          "train.progress=false", "data.batch_size=4", "data.eval_batch_size=3",
          "train.threads=1"]
+VOCAB = 12
+PAIR = dict(truncation=5, embed_dim=8, hidden_dim=8, lr=1e-2, clip=0.0, dtype="float64",
+            return_params=True)
+PAIRS = [("lockstep", decoupled.Options(mode="lockstep", **PAIR)),
+         ("decoupled", decoupled.Options(mode="decoupled", lag=2, **PAIR)),
+         ("decoupled-slow-B", decoupled.Options(mode="decoupled", lag=2, slow_upper_s=0.01,
+                                                **PAIR))]
 
 
 def _runs(root, data_dir):
@@ -61,8 +73,8 @@ def two_ranks(tmp_path_factory):
         mp.setenv("DNI_RNN_CACHE_DIR", str(root / "cache"))
         mp.setenv("OMP_NUM_THREADS", "1")
         out = distributed.launch(workers.everything, 2,
-                                 (list(workers.RUNNER_CASES), _runs(root, data_dir)),
-                                 timeout_s=TIMEOUT_S)
+                                 (list(workers.RUNNER_CASES), _runs(root, data_dir), PAIRS,
+                                  VOCAB), timeout_s=TIMEOUT_S)
     return root, data_dir, out
 
 
@@ -173,3 +185,37 @@ def test_torchrun_command_line(tmp_path):
     assert summary["processes"] == 2 and summary["steps"] == 4
     assert p.stdout.count("done: copy-smoke") == 1  # rank 0 alone prints
     assert "x 2 processes (gloo), 2 streams each" in p.stdout
+
+
+def test_two_parts_in_lock_step_equal_tbptt_of_the_whole_stack(two_ranks):
+    _, _, out = two_ranks
+    a, b = out[0]["pairs"]["lockstep"], out[1]["pairs"]["lockstep"]
+    opts = PAIRS[0][1]
+    data = workers.markov_streams(vocab=VOCAB)
+    model, _ = decoupled.build(VOCAB, opts)
+    runner = dni.TBPTTRunner(model, decoupled.lm_loss, torch.optim.Adam(model.parameters(),
+                             lr=opts.lr), truncation=opts.truncation, clip=None)
+    n = a["updates"] * opts.truncation
+    _, history = runner.run(data[:-1][:n], data[1:][:n])
+    assert _max_diff(model.lower.state_dict(), a["params"]) < 1e-12
+    assert _max_diff(model.upper.state_dict(), b["params"]) < 1e-12
+    assert b["losses"] == pytest.approx([m.loss for m in history], abs=1e-12)
+
+
+def test_decoupled_part_learns_from_synthetic_gradients(two_ranks):
+    _, _, out = two_ranks
+    opts = PAIRS[1][1]
+    a, b = out[0]["pairs"]["decoupled"], out[1]["pairs"]["decoupled"]
+    fits = a["fits"]
+    assert fits[:opts.lag] == [None] * opts.lag and all(f is not None for f in fits[opts.lag:])
+    assert max(cos for _, cos in fits[opts.lag + 1:]) > 0.3  # M learnt from B's gradients
+    start, _ = decoupled.build(VOCAB, opts)
+    assert _max_diff(start.lower.state_dict(), a["params"]) > 1e-3  # A moved on g_hat alone
+    lock = out[1]["pairs"]["lockstep"]
+    assert math.isfinite(b["valid_loss"]) and b["valid_loss"] < math.log(VOCAB)
+    assert b["losses"] != lock["losses"]
+    # consuming chunk k's real gradient exactly at update k + lag: timing changes nothing
+    slow_a, slow_b = out[0]["pairs"]["decoupled-slow-B"], out[1]["pairs"]["decoupled-slow-B"]
+    assert _max_diff(a["params"], slow_a["params"]) == 0.0
+    assert _max_diff(b["params"], slow_b["params"]) == 0.0
+    assert slow_b["losses"] == b["losses"]
