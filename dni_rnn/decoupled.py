@@ -165,6 +165,58 @@ class Link:
         self.sends = []
 
 
+class _Arrived:
+    def wait(self):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+class LocalLink(Link):
+    """No peer: every message has already arrived (small random numbers) and sends go
+    nowhere; to time one part's own work (`part_costs`)."""
+
+    def __init__(self):
+        super().__init__(peer=None)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def send(self, tensor, tag):
+        pass
+
+    def post(self, shape, dtype, tag):
+        return _Arrived(), 1e-3 * torch.randn(shape, dtype=dtype, generator=self.generator)
+
+
+def part_costs(inputs, targets, vocab_size, opts):
+    """Seconds per update of each part's own work, in this process (no messages): part A
+    in lock-step (backpropagates a given gradient), part A decoupled (with its
+    synthesizer's forward and regression) and part B.
+
+    Returns:
+        {"A_lockstep": s, "A_decoupled": s, "B": s}
+    """
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as each part has in its own process
+    try:
+        _time_parts(inputs, targets, vocab_size, opts, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _time_parts(inputs, targets, vocab_size, opts, out):
+    for name, mode in (("A_lockstep", "lockstep"), ("A_decoupled", "decoupled")):
+        model, synth = build(vocab_size, opts)
+        o = dataclasses.replace(opts, mode=mode)
+        r = train_lower(model.lower, synth, inputs, o, LocalLink())
+        out[name] = r["seconds"] / _chunks(inputs, o)
+    model, _ = build(vocab_size, opts)
+    r = train_upper(model.upper, targets, opts, LocalLink(), opts.hidden_dim,
+                    getattr(torch, opts.dtype))
+    out["B"] = r["seconds"] / _chunks(targets, opts)
+
+
 def _clip(params, clip):
     if clip:
         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -315,8 +367,11 @@ def main(argv=None):
     p.add_argument("--embed", type=int, default=64)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--lag", type=int, default=1)
+    p.add_argument("--synth-layers", type=int, default=1, help="hidden layers of M (0: linear)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--valid-tokens", type=int, default=50_000)
+    p.add_argument("--costs", action="store_true", help="first time each part's own work "
+                   "in this process (no messages): the bound with two free cores")
     p.add_argument("--json", help="write the numbers here")
     args = p.parse_args(argv)
     T, B = args.truncation, args.batch
@@ -327,9 +382,20 @@ def main(argv=None):
     train = task.train
     valid, _ = task.data.split("valid")
     rows = {}
+    if args.costs:
+        opts = Options(truncation=T, updates=min(args.updates, 300), embed_dim=args.embed,
+                       hidden_dim=args.hidden, lr=args.lr, synth_layers=args.synth_layers,
+                       lag=args.lag)
+        c = rows["costs_s_per_update"] = part_costs(train[:-1], train[1:], len(task.vocab), opts)
+        bound = (c["A_lockstep"] + c["B"]) / max(c["A_decoupled"], c["B"])
+        rows["two_free_cores_bound"] = bound
+        print(f"own work per update, one process: A lock-step {1e3 * c['A_lockstep']:.1f} ms, "
+              f"A decoupled {1e3 * c['A_decoupled']:.1f} ms, B {1e3 * c['B']:.1f} ms; with two "
+              f"free cores decoupled / lock-step <= {bound:.2f}x", flush=True)
     for mode in args.modes.split(","):
         opts = Options(mode=mode, lag=args.lag, truncation=T, updates=args.updates,
-                       embed_dim=args.embed, hidden_dim=args.hidden, lr=args.lr)
+                       embed_dim=args.embed, hidden_dim=args.hidden, lr=args.lr,
+                       synth_layers=args.synth_layers)
         results = launch(train_pair, 2, (train[:-1], train[1:], valid, len(task.vocab), opts),
                          timeout_s=3600)
         rows[mode] = summarize(results)
