@@ -208,6 +208,11 @@ def run_state(run):
     """A `run.Run` as a checkpoint: plain dicts of tensors and values. Under data
     parallelism every rank must call it (the carried states and generators are gathered)."""
     world = run.world
+    runner = run.runner.state_dict()
+    if world.distributed and runner.get("reference") is not None:
+        # per-stream state of the runner (the calibration gate's last g_hat): gathered
+        # like the carried state; every rank agrees on whether there is one
+        runner["reference"] = world.gather_state(runner["reference"], run.runner.batch_dim)
     return {
         "format": FORMAT, "version": VERSION,
         "config": run.cfg.to_dict(),
@@ -216,7 +221,7 @@ def run_state(run):
         "aux_head": _state_dict(run.aux),
         "optimizer": run.optimizer.state_dict(),
         "synth_optimizer": _state_dict(run.synth_optimizer),
-        "runner": run.runner.state_dict(),
+        "runner": runner,
         "vocab": run.task.vocab.state_dict() if run.task.vocab is not None else None,
         "task": run.task.state_dict(),
         "progress": dataclasses.asdict(run.progress),
@@ -257,7 +262,10 @@ def restore_run(run, path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model ({first[:200]})") \
             from None
-    run.runner.load_state_dict(c["runner"])
+    runner = dict(c["runner"])
+    if runner.get("reference") is not None:  # this rank's streams of a per-stream tensor
+        runner["reference"] = world.local_state(runner["reference"], run.runner.batch_dim)
+    run.runner.load_state_dict(runner)
     run.task.load_state_dict(c["task"])
     progress = dict(c["progress"])
     progress.pop("step", None)  # checkpoints before the runner's counter was the only one

@@ -144,6 +144,8 @@ class World:
 
     def sum(self, values, device=None):
         """Sum a list of numbers over the ranks (float64); returns floats."""
+        if device is None and self.backend == "nccl":  # NCCL reduces CUDA tensors only
+            device = torch.device("cuda", torch.cuda.current_device())
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
         if self.distributed:
             dist.all_reduce(t)
