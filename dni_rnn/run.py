@@ -13,11 +13,13 @@
                     summary.json
 
 The run knows no task by name: it asks the task (`tasks.py`) for its streams, metric,
-score and whether it is done. Under torchrun (`distributed.py`) every rank runs the same
-Run on its own block of the streams; the runner averages the gradients, the task reduces
-the evaluation, and rank 0 alone writes the run directory. Bit-exact resume (on CPU): a checkpoint holds the model,
+score and whether it is done. Bit-exact resume (on CPU): a checkpoint holds the model,
 optimizers, runner, task, the position in the stream, the carried state and every
 generator's state, all saved right after a validation (`checkpoint.run_state`).
+
+Under torchrun (`distributed.py`) every rank runs the same Run on its own block of the
+streams: the runner averages the gradients, the task reduces the evaluation, the
+checkpoint gathers the carried states, and rank 0 alone writes the run directory.
 """
 from __future__ import annotations
 
