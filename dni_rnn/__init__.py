@@ -2,7 +2,7 @@
 
     import dni_rnn as dni
 """
-from . import nest
+from . import distributed, nest
 from .cells import CellLoop, LayerNormLSTMCell, MinimalGRUCell
 from .deferred import DeferredBackward, backward, defer_backward
 from .interfaces import BackwardInterface, BidirectionalInterface, ForwardInterface, TriggerStats
@@ -21,7 +21,7 @@ from .wrapper import DNI
 __version__ = "0.1.0"
 
 __all__ = [
-    "nest", "BackwardInterface", "ForwardInterface", "BidirectionalInterface", "TriggerStats",
+    "nest", "distributed", "BackwardInterface", "ForwardInterface", "BidirectionalInterface", "TriggerStats",
     "BasicSynthesizer", "StateSynthesizer", "state_dim", "synthesizer_context",
     "current_context", "DeferredBackward", "defer_backward", "backward",
     "TBPTTRunner", "evaluate", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",

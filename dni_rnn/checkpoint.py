@@ -10,9 +10,12 @@
      "vocab":    Vocabulary.state_dict()     (None for synthetic tasks)
      "task":     the task's own state        (curriculum, data generator)
      "progress": epoch, position in the stream, tokens seen, best score, ...
-     "hidden":   the carried recurrent state (nested tuple of tensors) or None
+     "hidden":   the carried recurrent state (nested tuple of tensors) or None; under
+                 data parallelism every rank's streams, gathered in rank order (B columns)
      "stream":   how the current synthetic block was drawn, or None
-     "rng":      torch / CUDA / python / numpy generator states (python's as lists)}
+     "rng":      torch / CUDA / python / numpy generator states (python's as lists)
+     "world_size": processes that trained it (1 alone); "rng_ranks": each rank's "rng"
+                 (None alone): a resume needs the same number of processes}
 
 Everything is loadable with `torch.load(weights_only=True)`: no pickled classes.
 Writes go to a temporary file in the same folder, are fsync'ed, then os.replace'd over
@@ -202,9 +205,14 @@ def _state_dict(module):
 
 
 def run_state(run):
-    """A `run.Run` as a checkpoint: plain dicts of tensors and values."""
-    to_cpu = (lambda s: None if s is None else
-              nest.map_state(lambda t: t.detach().cpu(), s))
+    """A `run.Run` as a checkpoint: plain dicts of tensors and values. Under data
+    parallelism every rank must call it (the carried states and generators are gathered)."""
+    world = run.world
+    runner = run.runner.state_dict()
+    if world.distributed and runner.get("reference") is not None:
+        # per-stream state of the runner (the calibration gate's last g_hat): gathered
+        # like the carried state; every rank agrees on whether there is one
+        runner["reference"] = world.gather_state(runner["reference"], run.runner.batch_dim)
     return {
         "format": FORMAT, "version": VERSION,
         "config": run.cfg.to_dict(),
@@ -213,19 +221,34 @@ def run_state(run):
         "aux_head": _state_dict(run.aux),
         "optimizer": run.optimizer.state_dict(),
         "synth_optimizer": _state_dict(run.synth_optimizer),
-        "runner": run.runner.state_dict(),
+        "runner": runner,
         "vocab": run.task.vocab.state_dict() if run.task.vocab is not None else None,
         "task": run.task.state_dict(),
         "progress": dataclasses.asdict(run.progress),
-        "hidden": to_cpu(run.state),
+        "hidden": world.gather_state(run.state, run.runner.batch_dim),
         "stream": run.task.stream_state() if run.stream is not None else None,
         "rng": rng_state(),
+        "world_size": world.size,
+        "rng_ranks": world.gather_objects(rng_state()) if world.distributed else None,
     }
+
+
+def check_world_size(saved, size, path):
+    """A run resumes with the number of processes that wrote its checkpoint."""
+    if saved != size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved} process{'es' if saved > 1 else ''}, "
+            f"this run has {size}; resume with {saved} (torchrun --nproc_per_node x --nnodes "
+            f"= {saved}{', or without torchrun' if saved == 1 else ''}), or start a new run "
+            "with another --out")
 
 
 def restore_run(run, path):
     """Load `path` into a set-up `run.Run` (its modules built, nothing trained)."""
-    c = load(path)  # on the CPU: generator states must stay CPU ByteTensors
+    world = run.world
+    # on the CPU: generator states must stay CPU ByteTensors; rank 0 reads, all receive
+    c = world.on_main(lambda: load(path))
+    check_world_size(int(c.get("world_size", 1)), world.size, path)
     check_compatible(c["config"], run.cfg.to_dict(), path)
     check_vocab(c["vocab"], run.task.vocab, path)
     try:
@@ -239,13 +262,17 @@ def restore_run(run, path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model ({first[:200]})") \
             from None
-    run.runner.load_state_dict(c["runner"])
+    runner = dict(c["runner"])
+    if runner.get("reference") is not None:  # this rank's streams of a per-stream tensor
+        runner["reference"] = world.local_state(runner["reference"], run.runner.batch_dim)
+    run.runner.load_state_dict(runner)
     run.task.load_state_dict(c["task"])
     progress = dict(c["progress"])
     progress.pop("step", None)  # checkpoints before the runner's counter was the only one
     run.progress = type(run.progress)(**progress)
     run.state = run.stream = None
     if c["hidden"] is not None:
-        run.state = nest.map_state(lambda t: t.to(run.device), c["hidden"])
+        hidden = world.local_state(c["hidden"], run.runner.batch_dim)  # this rank's columns
+        run.state = nest.map_state(lambda t: t.to(run.device), hidden)
         run.stream = run.task.load_stream_state(c["stream"], run.device)
-    set_rng_state(c["rng"])
+    set_rng_state(c["rng_ranks"][world.rank] if c.get("rng_ranks") else c["rng"])

@@ -1,6 +1,7 @@
 """`dni-rnn` on the command line: train, evaluate, compare, recipes.
 
     dni-rnn train [RECIPE] [--set section.key=value ...] [--data-dir D] [--out RUN_DIR] [--resume]
+    torchrun --nproc_per_node=N -m dni_rnn train RECIPE ...   (data parallel, distributed.py)
     dni-rnn demo [--set section.key=value ...] [--out DIR]
     dni-rnn evaluate RUN_DIR_OR_CHECKPOINT [--split test] [--data-dir D]
     dni-rnn diagnose RUN_DIR [--horizons 1,2,4,8] [--boundaries 16] [--split valid]
@@ -14,7 +15,7 @@ DNI at the same short T, and says which learned the longer dependency.
 
 Problems a user can fix (a bad recipe, key or value, missing data, a corrupt or foreign
 checkpoint, an unwritable directory) end the program with one line on stderr and exit
-status 2; no traceback.
+status 2; no traceback. Under torchrun rank 0 alone prints it (every rank stops alike).
 """
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def main(argv=None):
     try:
         return args.func(args) or 0
     except errors as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `dni-rnn recipes | head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -185,7 +187,11 @@ def cmd_diagnose(args):
 
 def cmd_compare(args):
     from .compare import parse_list, sweep
-    from .config import load_recipe
+    from .config import ConfigError, load_recipe
+    from .distributed import launched
+
+    if launched():
+        raise ConfigError("compare runs its own processes (--jobs); start it without torchrun")
 
     cfg = load_recipe(args.recipe, args.overrides)
     out = args.out or str(Path("runs") / f"compare-{cfg.recipe}")

@@ -154,3 +154,28 @@ class RunLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+class NullLog:
+    """The log of a data-parallel rank other than 0: rank 0 alone writes lines and records."""
+
+    def write_line(self, line):
+        pass
+
+    def read(self):
+        return []
+
+    def emit(self, record):
+        pass
+
+    def train(self, rec):
+        pass
+
+    def eval(self, rec, text):
+        pass
+
+    def recovery(self, step, tokens, reason, sg_scale, bootstrap):
+        pass
+
+    def close(self):
+        pass

@@ -16,6 +16,10 @@ The run knows no task by name: it asks the task (`tasks.py`) for its streams, me
 score and whether it is done. Bit-exact resume (on CPU): a checkpoint holds the model,
 optimizers, runner, task, the position in the stream, the carried state and every
 generator's state, all saved right after a validation (`checkpoint.run_state`).
+
+Under torchrun (`distributed.py`) every rank runs the same Run on its own block of the
+streams: the runner averages the gradients, the task reduces the evaluation, the
+checkpoint gathers the carried states, and rank 0 alone writes the run directory.
 """
 from __future__ import annotations
 
@@ -32,8 +36,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import diagnostics
+from . import distributed
 from .config import ConfigError, horizons, target_scale
-from .logs import Meter, RunLog, progress_bar
+from .logs import Meter, NullLog, RunLog, progress_bar
 from .synthesizers import StateSynthesizer, state_dim
 from .tasks import METRICS, build_task
 from .tbptt import TBPTTRunner
@@ -121,10 +126,14 @@ class Run:
         data_dir: overrides cfg.data.data_dir (the CLI's --data-dir).
         quiet: no log lines (the JSONL is still written); the progress bar follows
             cfg.train.progress.
+        world: this process's `distributed.World` (default: from torchrun's environment,
+            or one process alone).
     """
 
-    def __init__(self, cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
+    def __init__(self, cfg, out_dir=None, resume=False, data_dir=None, quiet=False,
+                 world=None):
         self.cfg, self.resume, self.data_dir, self.quiet = cfg, resume, data_dir, quiet
+        self.world = world if world is not None else distributed.from_env()
         self.run_dir = Path(out_dir or cfg.train.out_dir or Path("runs") / cfg.run_name())
         self.progress = Progress()
         self.state = None        # the carried recurrent state
@@ -138,19 +147,23 @@ class Run:
     # ---- setup ------------------------------------------------------------------------
 
     def setup(self):
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, w = self.cfg, self.cfg.train, self.world
+        w.check_batch(cfg.data.batch_size)
         # the task (data) first: a failed start leaves no run directory behind
-        self.task = build_task(cfg, self.data_dir)
+        self.task = w.main_first(lambda: build_task(cfg, self.data_dir, w))
         if not self.task.epoch_based and not (t.max_steps or t.max_tokens):
             raise ConfigError(f"{cfg.data.corpus} needs a budget: set train.max_steps or "
                               "train.max_tokens")
-        self._prepare_run_dir()
-        self.device = select_device(t.device)
+        w.on_main(self._prepare_run_dir)
+        self.device = w.device(select_device(t.device))
         seed_everything(t.seed, t.deterministic)
         self.model = self.task.build_model().to(self.device)
         synth, aux = build_synthesizers(cfg, self.model)
         self.synth = synth.to(self.device) if synth is not None else None
         self.aux = aux.to(self.device) if aux is not None else None
+        w.broadcast_parameters(self.model, self.synth, self.aux)
+        if w.distributed:  # each rank its own dropout masks
+            torch.manual_seed(t.seed + 1_000_003 * w.rank)
         self.optimizer, self.synth_optimizer = build_optimizers(cfg, self.model, self.synth,
                                                                 self.aux)
         self.schedule = (RandomTruncation(t.truncation, seed=t.seed) if t.random_truncation
@@ -163,16 +176,22 @@ class Run:
             sg_cap=cfg.dni.sg_cap or None, guard=cfg.dni.guard,
             calibrate=cfg.dni.calibrate, aux_head=self.aux,
             aux_weight=cfg.dni.aux_weight if cfg.dni.method == "dni-aux" else 0.0,
-            synth_optimizer=self.synth_optimizer, on_nonfinite=t.on_nonfinite)
+            synth_optimizer=self.synth_optimizer, on_nonfinite=t.on_nonfinite,
+            sync=w.gradient_sync())
         if self.resume:
             ckpt.restore_run(self, self.run_dir / "last.pt")
-        cfg.save(self.run_dir)  # on resume too: config.toml runs again what this run is
-        self.log = RunLog(self.run_dir, self.task.metric, t.tensorboard,
-                          self.step if self.resume else None, self.quiet)
+        if w.main:  # rank 0 alone writes the run directory
+            cfg.save(self.run_dir)  # on resume too: config.toml runs again what this run is
+            self.log = RunLog(self.run_dir, self.task.metric, t.tensorboard,
+                              self.step if self.resume else None, self.quiet)
+        else:
+            self.log = NullLog()
         params = sum(p.numel() for p in self.model.parameters())
         self.log.write_line(f"{cfg.recipe} | {cfg.dni.method} T={t.truncation} seed={t.seed} | "
                             f"{self.task.describe()}")
-        self.log.write_line(f"model {params / 1e6:.2f}M parameters on {self.device} | run "
+        where = f"{self.device}" + (f" x {w.describe()}, {cfg.data.batch_size // w.size} "
+                                    "streams each" if w.distributed else "")
+        self.log.write_line(f"model {params / 1e6:.2f}M parameters on {where} | run "
                             f"directory {self.run_dir}"
                             + (f" | resumed at step {self.step}" if self.resume else ""))
         return self
@@ -197,7 +216,8 @@ class Run:
 
     def train(self):
         t, p = self.cfg.train, self.progress
-        self.bar = progress_bar(t.progress, self._estimate_steps(), self.step)
+        self.bar = progress_bar(t.progress and self.world.main, self._estimate_steps(),
+                                self.step)
         self.meter = Meter()
         self.started = time.perf_counter() - p.elapsed
         try:
@@ -224,12 +244,14 @@ class Run:
         """Account for one chunk; log, validate and checkpoint when due. True: leave the walk
         (the stream ended, or the run is finished)."""
         t, p = self.cfg.train, self.progress
+        if self.world.distributed:  # the update saw every rank's tokens
+            m = dataclasses.replace(m, tokens=m.tokens * self.world.size)
         p.tokens += m.tokens
         self.meter.add(m)
         if m.recovery:  # the runner's guard acted
             self.log.recovery(self.step, p.tokens, m.recovery, self.runner.sg_scale,
                               self.runner.bootstrap)
-        if t.diagnose_every and self.step % t.diagnose_every == 0:
+        if t.diagnose_every and self.step % t.diagnose_every == 0 and self.world.main:
             self.diagnose()
         stream_end = p.pos >= self.stream.inputs.shape[0]
         if stream_end:
@@ -313,12 +335,15 @@ class Run:
         self.log.eval(rec, task.result_text(result, best=p.best))
         if better:  # one write: last.pt is a hard link to the same bytes
             self.save("best.pt")
-            ckpt.link(self.run_dir / "best.pt", self.run_dir / "last.pt")
+            if self.world.main:
+                ckpt.link(self.run_dir / "best.pt", self.run_dir / "last.pt")
         else:
             self.save("last.pt")
 
     def save(self, name):
-        ckpt.save(ckpt.run_state(self), self.run_dir / name)
+        state = ckpt.run_state(self)  # all ranks: it gathers their carried states
+        if self.world.main:
+            ckpt.save(state, self.run_dir / name)
 
     def _estimate_steps(self):
         t = self.cfg.train
@@ -342,15 +367,16 @@ class Run:
             self.validate()
         summary = self.summary()
         if self.cfg.train.test and task.has_test:
-            best = ckpt.load(self.run_dir / "best.pt", map_location=self.device)
-            self.model.load_state_dict(best["model"])
+            best = self.world.on_main(lambda: ckpt.load(self.run_dir / "best.pt")["model"])
+            self.model.load_state_dict(best)
             result = task.evaluate(self.model, "test", self.device)
             summary["test_loss"] = result["loss"]
             summary["test_metric"] = summary[f"test_{task.metric.name}"] = \
                 result[task.metric.name]
             self.log.emit({"kind": "eval", "split": "test", "step": self.step,
                            "tokens": p.tokens, "updates": self.step, **result})
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.world.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.log.close()
         for line in format_summary(summary):
             self.log.write_line(line)
@@ -365,7 +391,7 @@ class Run:
                 "tokens_per_s": p.tokens / max(p.elapsed, 1e-9),
                 "stopped_early": p.stopped_early, "best_step": p.best_step,
                 "lr": self.optimizer.param_groups[0]["lr"], "run_dir": str(self.run_dir),
-                "recoveries": self.runner.recoveries,
+                "recoveries": self.runner.recoveries, "processes": self.world.size,
                 "best_metric": self.task.metric_of_score(p.best),
                 **self.task.summary(p.best)}
 

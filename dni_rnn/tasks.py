@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import corpora
 
 from .config import LM_CORPORA, ConfigError
+from .distributed import World
 from .lm_data import load_lm_data
 from .models import RNNLanguageModel, SequenceModel
 from .tbptt import evaluate
@@ -79,13 +80,18 @@ class Stream(NamedTuple):
     resets: Optional[torch.Tensor]  # (N, B) bool: state zeroed before step t; or None
 
 
-def build_task(cfg, data_dir=None):
-    """The task of `cfg.data.corpus` (loads the corpus: may raise corpora.CorpusError)."""
+def build_task(cfg, data_dir=None, world=None):
+    """The task of `cfg.data.corpus` (loads the corpus: may raise corpora.CorpusError).
+
+    Under data parallelism (`world`, see distributed.py) a task gives each rank its own
+    block of the training streams and its share of the evaluation, whose sums it reduces.
+    """
     corpus = cfg.data.corpus
+    world = world or World()
     if corpus in LM_CORPORA:
-        return LanguageModelTask(cfg, data_dir)
+        return LanguageModelTask(cfg, data_dir, world)
     if corpus in ("copy", "repeat-copy"):
-        return CopyTask(cfg)
+        return CopyTask(cfg, world)
     raise ConfigError(f"data.corpus: unknown corpus {corpus!r}")  # pragma: no cover
 
 
@@ -99,9 +105,9 @@ class LanguageModelTask:
     done = False
     higher_is_better = False  # of the score: the validation loss
 
-    def __init__(self, cfg, data_dir=None):
+    def __init__(self, cfg, data_dir=None, world=None):
 
-        self.cfg = cfg
+        self.cfg, self.world = cfg, world or World()
         # ids (N, B) train / (N, E) valid, test; inputs rows [0, N-1), targets rows [1, N);
         # resets (N, B) / (N, E) bool document starts, or None
         self.data = load_lm_data(cfg.data, data_dir)
@@ -134,16 +140,25 @@ class LanguageModelTask:
         return self.train.shape[0] - 1
 
     def train_stream(self, device):
-        data, resets = self.train.to(device), self.data.resets
+        # (N, B) -> this rank's (N, B / W) block of streams (all of them alone)
+        data, resets = self.world.streams(self.train).to(device), self.world.streams(self.data.resets)
         return Stream(data[:-1], data[1:], resets[:-1].to(device) if resets is not None else None)
 
     def evaluate(self, model, split, device):
-        """Mean loss over a whole split, the state carried across chunks of T."""
+        """Mean loss over a whole split, the state carried across chunks of T (each rank
+        its share of the split's streams, the sums reduced over the ranks)."""
         data, resets = self.data.split(split)
-        data = data.to(device)
-        resets = resets[:-1].to(device) if resets is not None else None
-        loss, _ = evaluate(model, self.loss_fn, data[:-1], data[1:], resets=resets,
-                           chunk_length=self.cfg.train.truncation)
+        data, resets = self.world.eval_columns(data), self.world.eval_columns(resets)
+        tokens = (data.shape[0] - 1) * data.shape[1]
+        loss = 0.0
+        if tokens:
+            resets = resets[:-1].to(device) if resets is not None else None
+            data = data.to(device)
+            loss, _ = evaluate(model, self.loss_fn, data[:-1], data[1:], resets=resets,
+                               chunk_length=self.cfg.train.truncation)
+        if self.world.distributed:
+            total, tokens = self.world.sum([loss * tokens, tokens])
+            loss = total / max(tokens, 1)
         return {"loss": loss, self.metric.name: self.metric.from_loss(loss)}
 
     def diagnosis_stream(self, split, device):
@@ -199,9 +214,9 @@ class CopyTask:
     metric = LENGTH_SOLVED
     vocab = None
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, world=None):
 
-        self.cfg = cfg
+        self.cfg, self.world = cfg, world or World()
         t = cfg.task
         self.repeat = cfg.data.corpus == "repeat-copy"
         if t.max_length < t.start_length:
@@ -267,10 +282,12 @@ class CopyTask:
         return self._pack(self._block(self.cfg.data.batch_size, self.length, self.generator),
                           device)
 
-    @staticmethod
-    def _pack(batch, device):
+    def _pack(self, batch, device):
+        # every rank draws the whole block (B episodes) and keeps its own B / W columns
         packed = torch.cat([batch.targets, batch.mask.unsqueeze(-1).to(batch.targets.dtype)], -1)
-        return Stream(batch.inputs.to(device), packed.to(device), batch.resets.to(device))
+        w = self.world
+        return Stream(w.streams(batch.inputs).to(device), w.streams(packed).to(device),
+                      w.streams(batch.resets).to(device))
 
     def stream_state(self):
         return self._stream_seed
@@ -317,17 +334,26 @@ class CopyTask:
         seed = {"valid": 1_000_003, "test": 2_000_003}[split] + self.length
         batch = self._block(self.cfg.task.eval_sequences, self.length,
                             torch.Generator().manual_seed(seed))
-        was_training = model.training
-        model.eval()
-        try:
-            inputs = batch.inputs.to(device)
-            outputs, _ = model(inputs, model.init_state(inputs.shape[1]))
-        finally:
-            model.train(was_training)
-        outputs = outputs.cpu()
-        error = float(corpora.bit_errors(outputs, batch.targets, batch.mask)) / inputs.shape[1]
-        packed = torch.cat([batch.targets, batch.mask.unsqueeze(-1).float()], -1)
-        loss = float(self.loss_fn(outputs, packed))
+        w = self.world  # each rank its share of the sequences; the sums are reduced
+        inputs, targets, mask = (w.eval_columns(t) for t in (batch.inputs, batch.targets,
+                                                               batch.mask))
+        steps, count = inputs.shape[0], inputs.shape[1]
+        errors = loss_sum = 0.0
+        if count:
+            was_training = model.training
+            model.eval()
+            try:
+                outputs, _ = model(inputs.to(device), model.init_state(count))
+            finally:
+                model.train(was_training)
+            outputs = outputs.cpu()
+            errors = float(corpora.bit_errors(outputs, targets, mask))
+            packed = torch.cat([targets, mask.unsqueeze(-1).float()], -1)
+            loss_sum = float(self.loss_fn(outputs, packed)) * steps * count
+        if w.distributed:
+            errors, loss_sum, count = w.sum([errors, loss_sum, count])
+        error = errors / count
+        loss = loss_sum / (steps * count)
         at = self.length
         if split == "valid":
             self.last_error = error

@@ -108,14 +108,19 @@ class TBPTTRunner:
         batch_dim: batch dimension of state tensors (None: the one before the features).
         on_nonfinite: "raise" (stop with NonFiniteLossError) or "skip" (drop the update,
             restart the state, go on).
+        sync: data parallel (`distributed.GradientSync`): after each backward, gradients
+            are averaged and trigger statistics summed over the ranks; None: one process.
     """
 
     def __init__(self, model, loss_fn, optimizer, truncation=35, synthesizer=None,
                  sg_scale=0.1, bootstrap=None, clip=0.25, synth_clip=None, warmup=0,
                  target_scale="rms", sg_cap=1.0, guard=True, calibrate=False, aux_head=None,
-                 aux_weight=0.0,
-                 synth_optimizer=None, batch_dim=None, on_nonfinite="raise"):
+                 aux_weight=0.0, synth_optimizer=None, batch_dim=None, on_nonfinite="raise",
+                 sync=None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.sync = sync
+        if sync is not None:  # a rank's trigger gradients are W x one process's
+            target_scale = sync.local_target_scale(target_scale)
         self.schedule = as_schedule(truncation)
         self.sg_scale = float(sg_scale)
         self.bootstrap = self.sg_scale if bootstrap is None else float(bootstrap)
@@ -218,6 +223,7 @@ class TBPTTRunner:
         outputs, new_state, _ = self._forward(inputs, state, resets)
         loss = self._loss(outputs, targets, metrics)
         loss.backward()
+        self._synchronize()
         return new_state
 
     def _dni_chunk(self, inputs, targets, state, resets, future, next_resets, metrics):
@@ -253,6 +259,7 @@ class TBPTTRunner:
                     aux = self._aux_loss(first, predicted, scale)
                     metrics.aux_loss = aux.item()
                     deferred.backward(self.aux_weight * aux)
+        injected = self._synchronize(self.interface.last_stats, injected)
         stats = self.interface.last_stats
         metrics.sg_scale = self.sg_scale
         if self.calibration is not None:
@@ -274,6 +281,14 @@ class TBPTTRunner:
                 if reason:
                     self._recover(reason, metrics)
         return new_state
+
+    def _synchronize(self, stats=None, injected=None):
+        """Data parallel: average gradients, sum trigger statistics and the injected norm
+        over the ranks, so that every rank takes the same decisions (no-op alone)."""
+        if self.sync is None:
+            return injected
+        return self.sync.after_backward(self.model_params + self.synth_params, stats,
+                                        [injected])[0]
 
     def _synthesize(self, new_state, scale, metrics=None):
         """g_hat at the chunk's end, capped per stream at sg_cap x the targets' RMS norm."""
@@ -347,7 +362,7 @@ class TBPTTRunner:
 
     def _loss(self, outputs, targets, metrics):
         loss = self.loss_fn(outputs, targets)
-        metrics.loss = loss.item()
+        metrics.loss = loss.item() if self.sync is None else self.sync.mean(loss)
         if not math.isfinite(metrics.loss):
             raise NonFiniteLossError(
                 f"chunk {self.step}: loss is {metrics.loss}; lower the learning rate or "

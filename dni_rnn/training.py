@@ -5,7 +5,8 @@
     report = diagnose_checkpoint("runs/x")     # synthetic vs true future gradients
 
 The run itself is `run.Run` (setup / train / cleanup); this module leaves the process as it
-found it (threads, determinism flags) and loads checkpoints for evaluation.
+found it (threads, determinism flags, no process group of its own) and loads checkpoints
+for evaluation. Under torchrun, `train` joins the ranks (`distributed.from_env`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import diagnostics
+from . import distributed
 from .config import Config, ConfigError, target_scale, validate
 from .run import Run, build_synthesizers, select_device
 from .tasks import build_task
@@ -39,9 +41,11 @@ def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    world = distributed.from_env()  # one process alone, or this rank under torchrun
     try:
-        return Run(cfg, out_dir, resume, data_dir, quiet).setup().train().cleanup()
+        return Run(cfg, out_dir, resume, data_dir, quiet, world).setup().train().cleanup()
     finally:  # leave the process as we found it (train() also runs inside tests, sweeps)
+        world.close()
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
