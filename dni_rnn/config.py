@@ -169,8 +169,9 @@ class TrainConfig:
     seed: int = _f(1, "seeds torch, python, numpy and the data generators")
     deterministic: bool = _f(True, "torch.use_deterministic_algorithms (bit-exact resume)")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
-    threads: int = _f(0, "CPU threads for torch (0: torch's default; 1 is fastest for small "
-                         "models and on a busy machine)")
+    threads: int = _f(0, "CPU threads for torch (0: a share of the cores, cores / runs of "
+                         "this machine that also say 0, adjusted at each log line; set N for "
+                         "bit-reproducible numbers; 1 is fastest for small models)")
     on_nonfinite: str = _f("raise", "a NaN/inf loss: stop (raise) or drop the update (skip)",
                            ("raise", "skip"))
     diagnose_every: int = _f(0, "every N updates, compare the synthetic gradient with the true "

@@ -138,6 +138,7 @@ class Run:
         self.progress = Progress()
         self.state = None        # the carried recurrent state
         self.stream = None       # the current training streams (an epoch, a block)
+        self.cores = None        # a cores.CoreShare when train.threads = 0 (training.train)
 
     @property
     def step(self):
@@ -300,6 +301,8 @@ class Run:
 
     def log_interval(self):
         p, metric = self.progress, self.task.metric
+        if self.cores is not None:  # another run may have started or ended
+            self.cores.apply()
         rec = {"kind": "train", "step": self.step, "epoch": p.epoch, "tokens": p.tokens,
                "lr": self.optimizer.param_groups[0]["lr"], **self.meter.record()}
         if metric.from_loss is not None:

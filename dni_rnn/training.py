@@ -15,6 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from . import diagnostics
 from . import distributed
+from .cores import CoreShare
 from .config import Config, ConfigError, target_scale, validate
 from .run import Run, build_synthesizers, select_device
 from .tasks import build_task
@@ -39,12 +40,20 @@ def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    share = None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    else:  # share the cores with the other runs on this machine (cores.py)
+        share = CoreShare()
+        share.apply()
     world = distributed.from_env()  # one process alone, or this rank under torchrun
     try:
-        return Run(cfg, out_dir, resume, data_dir, quiet, world).setup().train().cleanup()
+        run = Run(cfg, out_dir, resume, data_dir, quiet, world)
+        run.cores = share
+        return run.setup().train().cleanup()
     finally:  # leave the process as we found it (train() also runs inside tests, sweeps)
+        if share is not None:
+            share.close()
         world.close()
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
