@@ -297,6 +297,7 @@ class TBPTTRunner:
                     aux = self._aux_loss(first, predicted, scale)
                     deferred.backward(self.aux_weight * aux)
         norm = self._clip_model()
+        zero_scale = self._is_zero(scale)  # before this chunk's target joins the RMS
         stats = self.interface.last_stats
         mean_square = proposal = rms = real = None
         if stats.filled:
@@ -319,8 +320,7 @@ class TBPTTRunner:
                 self.target_rms.commit(proposal, rms)
             metrics.synth_loss = stats.loss
             metrics.cosine = stats.cosine
-            metrics.synthetic_norm = (stats.message_norm / scale
-                                      if not self._is_zero(scale) else 0.0)
+            metrics.synthetic_norm = stats.message_norm / scale if not zero_scale else 0.0
             metrics.real_norm = real
             metrics.injected_norm = injected
             metrics.target_rms = self.target_rms.rms
