@@ -15,6 +15,9 @@ Variants (all clip 0.25):
   dni-free  TBPTTRunner with DNI, lambda = beta = 0.1 (one backward pass; the defaults)
   dni-l1    DNI with beta = 0.1, lambda = 1   (second VJP through the core)
   dni-l05   DNI with beta = 0.1, lambda = 0.5 (second VJP through the core)
+With `--malloc keep` the process runs under glibc settings that keep freed gradients in the
+heap (see `keep_malloc`); by default glibc's page faults add up to a quarter to the plain
+variants' time on a word LM and blur every ratio.
 Variants are interleaved round by round, in a rotated order each round (so none always runs
 first). A ratio is the median over rounds of variant / loop within the round (robust to the
 slow drifts of a shared machine); tokens/s are medians with the spread (min-max). The last
@@ -132,6 +135,24 @@ def measure(fn, spec, T, steps, clock):
     return steps * spec.batch / (clock() - start)
 
 
+MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
+
+
+def keep_malloc(mode):
+    """With "keep", re-run this process with glibc's malloc keeping freed blocks of up to
+    32 MB in the heap. By default glibc returns large freed blocks (a 10k-word decoder's
+    gradient is 8 MB) to the OS, and the next chunk's backward page-faults them back in:
+    measured 25% of a word LM's chunk on this CPU, for the hand loop and plain TBPTT, while
+    DNI's extra allocations happen to avoid it (docs/benchmarks.md)."""
+    if mode == "keep" and any(os.environ.get(k) != v for k, v in MALLOC_KEEP.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_KEEP})
+
+
+def malloc_note():
+    kept = all(os.environ.get(k) == v for k, v in MALLOC_KEEP.items())
+    return "malloc keep" if kept else "malloc default"
+
+
 def load():
     try:
         return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -154,7 +175,12 @@ def main(argv=None):
     ap.add_argument("--clock", default="wall", choices=("wall", "process"),
                     help="wall: tokens per second of wall time; process: per CPU second of "
                          "this process (robust to other processes on a busy machine)")
+    ap.add_argument("--malloc", default="default", choices=("default", "keep"),
+                    help="keep: run under glibc settings that keep freed memory in the heap "
+                         "(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so that no variant "
+                         "pays page faults for re-allocating its gradients each chunk")
     args = ap.parse_args(argv)
+    keep_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -166,6 +192,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown {unknown}; variants: {sorted(VARIANTS)}, models: {sorted(MODELS)}")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"{malloc_note()}, "
           f"{args.rounds} rounds of ~{args.seconds:g} s, {load()}")
     rows = []
     for model in models:

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dni_rnn as dni  # noqa: E402
 from dni_rnn import deferred  # noqa: E402
-from bench_tbptt import MODELS, make_data, make_model, make_optimizer, make_synth, lm_loss_for  # noqa: E402
+from bench_tbptt import (MODELS, keep_malloc, lm_loss_for, make_data, make_model,  # noqa: E402
+                         make_optimizer, make_synth, malloc_note)
 
 PARTS = ("forward", "loss", "synth fwd", "backward", "2nd VJP", "clip", "step", "zero_grad",
          "other")
@@ -149,11 +150,14 @@ def main(argv=None):
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--malloc", default="default", choices=("default", "keep"),
+                    help="keep: glibc keeps freed gradients in the heap (bench_tbptt.py)")
     args = ap.parse_args(argv)
+    keep_malloc(args.malloc)
     torch.set_num_threads(args.threads)
     names = args.variants.split(",")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU ms per chunk "
-          f"(process time), medians of {args.rounds} rounds of {args.chunks} chunks")
+          f"(process time), {malloc_note()}, medians of {args.rounds} rounds of {args.chunks} chunks")
     for model in args.models.split(","):
         spec = MODELS[model]
         for T in map(int, args.truncations.split(",")):
