@@ -65,14 +65,19 @@ def lm_loss_for(spec):
     return lm_loss
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
 def make_model(spec, seed=0):
     torch.manual_seed(seed)
-    return dni.RNNLanguageModel(spec.vocab, spec.embed, spec.hidden, num_layers=spec.layers)
+    return dni.RNNLanguageModel(spec.vocab, spec.embed, spec.hidden,
+                                num_layers=spec.layers).to(DEVICE)
 
 
 def make_synth(spec, model):
     dim = dni.state_dim(model.init_state(spec.batch))
-    return dni.StateSynthesizer.mlp(dim, n_hidden=1, hidden_dim=spec.synth_hidden or None)
+    return dni.StateSynthesizer.mlp(dim, n_hidden=1,
+                                    hidden_dim=spec.synth_hidden or None).to(DEVICE)
 
 
 def make_optimizer(spec, params):
@@ -83,7 +88,7 @@ def make_optimizer(spec, params):
 
 def make_data(spec, steps, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, spec.vocab, (steps + 1, spec.batch), generator=g)
+    return torch.randint(0, spec.vocab, (steps + 1, spec.batch), generator=g).to(DEVICE)
 
 
 def handwritten_loop(spec, model, data, T, clip=0.25):
@@ -130,9 +135,16 @@ def measure(fn, spec, T, steps, clock):
     data = make_data(spec, steps)
     model = make_model(spec)
     fn(spec, model, data[: 2 * T + 1], T)  # warm-up: allocator, kernels
+    sync()
     start = clock()
     fn(spec, model, data, T)
+    sync()
     return steps * spec.batch / (clock() - start)
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
@@ -170,6 +182,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=3.0, help="target seconds per measurement")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--synth-hidden", type=int, default=None,
                     help="synthesizer hidden width (default: the model's, see above)")
     ap.add_argument("--clock", default="wall", choices=("wall", "process"),
@@ -181,6 +194,8 @@ def main(argv=None):
                          "pays page faults for re-allocating its gradients each chunk")
     args = ap.parse_args(argv)
     keep_malloc(args.malloc)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -191,7 +206,7 @@ def main(argv=None):
     unknown = [n for n in names if n not in VARIANTS] + [m for m in models if m not in MODELS]
     if unknown:
         ap.error(f"unknown {unknown}; variants: {sorted(VARIANTS)}, models: {sorted(MODELS)}")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+    print(f"# torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"{malloc_note()}, "
           f"{args.rounds} rounds of ~{args.seconds:g} s, {load()}")
     rows = []
