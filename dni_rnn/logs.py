@@ -25,12 +25,14 @@ from .tbptt import read_metrics
 class Meter:
     """Sums ChunkMetrics over one log interval.
 
-    The chunks' numbers are read from the device once per interval (`record`), not once
-    per chunk: on a GPU each read waits for the queued work (a host sync).
+    The chunks' numbers are read from the device once per interval (`record`, or every
+    `READ_EVERY` chunks), not once per chunk: on a GPU each read waits for the queued work
+    (a host sync).
     """
 
     FIELDS = ("grad_norm", "synth_loss", "cosine", "synthetic_norm", "real_norm", "aux_loss",
               "target_rms", "capped", "injected_norm", "sg_scale", "calibration")
+    READ_EVERY = 256  # chunks held on the device at most, then read in one sync
 
     def __init__(self):
         self.reset()
@@ -49,6 +51,8 @@ class Meter:
             return
         self.tokens += m.tokens
         self.pending.append(m)
+        if len(self.pending) >= self.READ_EVERY:  # long intervals: bounded memory
+            self._sum_pending()
 
     def _sum_pending(self):
         for m in read_metrics(self.pending):  # one host sync for the interval

@@ -26,3 +26,12 @@ def test_meter_sums_chunks_read_once_per_interval(monkeypatch):
     assert rec["synth_loss"] == 3.0  # the NaN chunk is left out of the mean
     assert rec["real_norm"] == 2.0 and rec["aux_loss"] is None
     assert meter.chunks == 0 and meter.pending == []
+
+
+def test_a_long_interval_is_read_in_bounded_batches(monkeypatch):
+    monkeypatch.setattr(Meter, "READ_EVERY", 3)
+    meter = Meter()
+    for k in range(7):
+        meter.add(ChunkMetrics(step=k, length=1, loss=torch.tensor(float(k)), tokens=1))
+    assert len(meter.pending) == 1
+    assert meter.record()["loss"] == sum(range(7)) / 7
