@@ -19,13 +19,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import ConfigError
+from .tbptt import read_metrics
 
 
 class Meter:
-    """Sums ChunkMetrics over one log interval."""
+    """Sums ChunkMetrics over one log interval.
+
+    The chunks' numbers are read from the device once per interval (`record`, or every
+    `READ_EVERY` chunks), not once per chunk: on a GPU each read waits for the queued work
+    (a host sync).
+    """
 
     FIELDS = ("grad_norm", "synth_loss", "cosine", "synthetic_norm", "real_norm", "aux_loss",
               "target_rms", "capped", "injected_norm", "sg_scale", "calibration")
+    READ_EVERY = 256  # chunks held on the device at most, then read in one sync
 
     def __init__(self):
         self.reset()
@@ -34,6 +41,7 @@ class Meter:
         self.chunks, self.tokens, self.loss, self.skipped = 0, 0, 0.0, 0
         self.sums = {f: 0.0 for f in self.FIELDS}
         self.counts = {f: 0 for f in self.FIELDS}
+        self.pending = []  # this interval's ChunkMetrics, summed when recorded
         self.t0 = time.perf_counter()
 
     def add(self, m):
@@ -42,15 +50,23 @@ class Meter:
         if m.skipped:
             return
         self.tokens += m.tokens
-        self.loss += m.loss * m.tokens
-        for f in self.FIELDS:
-            v = getattr(m, f)
-            if v is not None and math.isfinite(v):
-                self.sums[f] += v
-                self.counts[f] += 1
+        self.pending.append(m)
+        if len(self.pending) >= self.READ_EVERY:  # long intervals: bounded memory
+            self._sum_pending()
+
+    def _sum_pending(self):
+        for m in read_metrics(self.pending):  # one host sync for the interval
+            self.loss += m.loss * m.tokens
+            for f in self.FIELDS:
+                v = getattr(m, f)
+                if v is not None and math.isfinite(v):
+                    self.sums[f] += v
+                    self.counts[f] += 1
+        self.pending = []
 
     def record(self):
         """The interval's means (and tokens/s), then start a new interval."""
+        self._sum_pending()
         seconds = max(time.perf_counter() - self.t0, 1e-9)
         rec = {"loss": self.loss / self.tokens if self.tokens else math.nan,
                "tokens_per_s": self.tokens / seconds, "skipped": self.skipped}

@@ -43,6 +43,7 @@ class TargetRMS:
     def reset(self):
         self.mean_square = None
         self.updates = 0
+        self.rms = None  # value() as a Python float, kept so that callers need no device sync
 
     @property
     def known(self):
@@ -53,9 +54,27 @@ class TargetRMS:
         ms = mean_square.detach()
         if not float(ms) > 0:
             return
-        self.mean_square = (1 - self.decay) * ms if self.mean_square is None \
+        proposal, rms = self.propose(ms)
+        self.commit(proposal, float(rms))
+
+    def propose(self, mean_square):
+        """`update` in two halves, for a caller that reads its device values once per chunk:
+        the mean square and RMS (0-d tensors) after folding in `mean_square`; `commit` them
+        if `mean_square` was read to be > 0, else drop them.
+
+        Returns:
+            (the new mean square, its bias-corrected RMS)
+        """
+        ms = mean_square.detach()
+        new = (1 - self.decay) * ms if self.mean_square is None \
             else self.decay * self.mean_square + (1 - self.decay) * ms
+        return new, (new / (1 - self.decay ** (self.updates + 1))).sqrt()
+
+    def commit(self, mean_square, rms):
+        """Keep a `propose`d mean square; `rms` is its RMS read as a float."""
+        self.mean_square = mean_square
         self.updates += 1
+        self.rms = rms
 
     def value(self):
         """The bias-corrected RMS (a 0-d tensor); call only when `known`."""
@@ -67,6 +86,7 @@ class TargetRMS:
     def load_state_dict(self, state):
         self.mean_square, self.updates = state["mean_square"], int(state["updates"])
         self.decay = float(state["decay"])
+        self.rms = float(self.value()) if self.known else None
 
 
 def per_example_norm(state, batch_dim=None):

@@ -42,6 +42,12 @@ class ChunkMetrics:
     the chunk's end (beta * gate * capped g_hat); sg_scale: beta in force; calibration:
     the gate in force at the chunk's end (`stability.Calibration`); recovery: why the
     guard reset the synthesizer after this chunk (else None).
+
+    The runner reads one batch of numbers from the device per chunk (what it decides on:
+    the non-finite checks, the target RMS, the guard); the other fields are kept as 0-d
+    tensors and read when first accessed (a field always reads as a Python number).
+    `read_metrics(list)` reads many chunks' fields with one host sync, as `logs.Meter` does
+    once per log interval.
     """
 
     step: int
@@ -62,8 +68,41 @@ class ChunkMetrics:
     recovery: str = None
     skipped: bool = False
 
+    def __getattribute__(self, name):
+        value = object.__getattribute__(self, name)
+        if isinstance(value, torch.Tensor):  # a value still on the device: read it once
+            value = value.item()
+            object.__setattr__(self, name, value)
+        return value
+
     def as_dict(self):
         return asdict(self)
+
+
+def read_metrics(metrics):
+    """Read every field still held as a tensor, of all `metrics`, with one host sync.
+
+    Args:
+        metrics: an iterable of ChunkMetrics.
+    Returns:
+        the same ChunkMetrics, every field a Python number.
+    """
+    metrics = list(metrics)
+    held = [(m, k, v) for m in metrics for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    for (m, k, _), value in zip(held, read_values([v for _, _, v in held])):
+        object.__setattr__(m, k, value)
+    return metrics
+
+
+def read_values(values):
+    """Python numbers of `values` (0-d tensors and numbers); the tensors in one host sync."""
+    tensors = [v.detach().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return list(values)
+    if len({t.device for t in tensors}) > 1:
+        tensors = [t.to(tensors[0].device) for t in tensors]
+    read = iter(torch.stack(tensors).tolist())  # dtypes promote: float32 -> float64 is exact
+    return [next(read) if isinstance(v, torch.Tensor) else v for v in values]
 
 
 class TBPTTRunner:
@@ -206,7 +245,7 @@ class TBPTTRunner:
             else:
                 new_state = self._dni_chunk(inputs, targets, state, resets, future,
                                             next_resets, metrics)
-            self._clip_and_step(metrics)
+            self._step()
         except NonFiniteLossError:
             if self.on_nonfinite == "raise":
                 raise
@@ -224,6 +263,12 @@ class TBPTTRunner:
         loss = self._loss(outputs, targets, metrics)
         loss.backward()
         self._synchronize()
+        if self.sync is not None:  # the global chunk loss (the same on every rank)
+            loss = self.sync.mean(loss)
+        norm = self._clip_model()
+        loss, norm = read_values([loss, norm])  # the chunk's one host sync
+        self._check_loss(loss, metrics)
+        self._check_grad_norm(norm, metrics)
         return new_state
 
     def _dni_chunk(self, inputs, targets, state, resets, future, next_resets, metrics):
@@ -240,10 +285,11 @@ class TBPTTRunner:
         with deferred.defer_backward():
             trigger = self.interface.make_trigger(state, target_scale=scale, reference=reference)
             outputs, new_state, first = self._forward(inputs, trigger, resets, split_first=self._aux_on())
-            deferred.backward(self._loss(outputs, targets, metrics))
-            g_hat = injected = None
+            loss = self._loss(outputs, targets, metrics)
+            deferred.backward(loss)
+            g_hat = injected = capped = aux = None
             if future:
-                g_hat = self._synthesize(new_state, scale, metrics)
+                g_hat, capped = self._synthesize(new_state, scale)
                 if next_resets is not None:
                     g_hat = self._zero_streams(g_hat, next_resets)
                 predicted = g_hat
@@ -252,34 +298,48 @@ class TBPTTRunner:
                     g_hat = nest.map_state(lambda g: gate * g, g_hat)
                 if beta:
                     deferred.backward(new_state, nest.map_state(lambda g: beta * g, g_hat))
-                injected = beta * sum(g.pow(2).sum() for g in nest.flatten(g_hat)).sqrt()
+                injected = beta * _sum(g.pow(2).sum() for g in nest.flatten(g_hat)).sqrt()
                 if self.bootstrap != beta:
                     self._bootstrap_correction(trigger, new_state, g_hat, self.bootstrap - beta)
                 if self._aux_on():
                     aux = self._aux_loss(first, predicted, scale)
-                    metrics.aux_loss = aux.item()
                     deferred.backward(self.aux_weight * aux)
         injected = self._synchronize(self.interface.last_stats, injected)
+        if self.sync is not None:
+            loss = self.sync.mean(loss)
+        norm = self._clip_model()
+        zero_scale = self._is_zero(scale)  # before this chunk's target joins the RMS
         stats = self.interface.last_stats
-        metrics.sg_scale = self.sg_scale
+        mean_square = proposal = rms = real = None
+        if stats.filled:
+            mean_square = stats.gradient_mean_square
+            proposal, rms = self.target_rms.propose(mean_square)
+            real = stats.gradient_norm
+        # the chunk's one host sync: everything decided on below
+        loss, norm, mean_square, rms, real, injected = read_values(
+            [loss, norm, mean_square, rms, real, injected])
+        self._check_loss(loss, metrics)
+        metrics.sg_scale, metrics.capped = self.sg_scale, capped
+        if aux is not None:
+            metrics.aux_loss = aux.detach()
         if self.calibration is not None:
             if stats.has_reference:
                 self.calibration.update(stats.reference_dot, stats.reference_sq)
-            metrics.calibration = float(gate)
+            metrics.calibration = gate
         if stats.filled:
-            self.target_rms.update(stats.gradient_mean_square)
-            metrics.synth_loss = float(stats.loss)
-            metrics.cosine = float(stats.cosine)
-            metrics.synthetic_norm = float(stats.message_norm / scale) if scale else 0.0
-            metrics.real_norm = float(stats.gradient_norm)
-            metrics.injected_norm = float(injected) if injected is not None else None
-            if self.target_rms.known:
-                metrics.target_rms = float(self.target_rms.value())
+            if mean_square > 0:  # a trigger whose streams all restarted carries no scale
+                self.target_rms.commit(proposal, rms)
+            metrics.synth_loss = stats.loss
+            metrics.cosine = stats.cosine
+            metrics.synthetic_norm = stats.message_norm / scale if not zero_scale else 0.0
+            metrics.real_norm = real
+            metrics.injected_norm = injected
+            metrics.target_rms = self.target_rms.rms
             if self.guard is not None:
-                reason = self.guard.check(metrics.target_rms, metrics.injected_norm,
-                                          metrics.real_norm)
+                reason = self.guard.check(metrics.target_rms, injected, real)
                 if reason:
                     self._recover(reason, metrics)
+        self._check_grad_norm(norm, metrics)
         return new_state
 
     def _synchronize(self, stats=None, injected=None):
@@ -290,18 +350,25 @@ class TBPTTRunner:
         return self.sync.after_backward(self.model_params + self.synth_params, stats,
                                         [injected])[0]
 
-    def _synthesize(self, new_state, scale, metrics=None):
-        """g_hat at the chunk's end, capped per stream at sg_cap x the targets' RMS norm."""
-        if not scale:  # "rms" before any target was seen: the output is still zero
-            return nest.map_state(torch.zeros_like, nest.detach(new_state))
+    def _synthesize(self, new_state, scale):
+        """g_hat at the chunk's end, capped per stream at sg_cap x the targets' RMS norm, and
+        the fraction of streams capped (None: no cap)."""
+        if self._is_zero(scale):  # "rms" before any target was seen: the output is still zero
+            return nest.map_state(torch.zeros_like, nest.detach(new_state)), None
         g_hat = self.interface.synthesize(new_state, target_scale=scale)
+        capped = None
         if self.sg_cap is not None and self.target_rms.known:
             dim = state_dim(g_hat, self.batch_dim)
             bound = self.sg_cap * self.target_rms.value() * math.sqrt(dim)
             g_hat, capped = cap_norm(g_hat, bound, self.batch_dim)
-            if metrics is not None:
-                metrics.capped = float(capped)
-        return g_hat
+        return g_hat, capped
+
+    def _is_zero(self, scale):
+        """`not scale` without a device sync: a tensor scale is 1 / the target RMS, zero only
+        where the RMS overflowed (its float is kept by `TargetRMS`)."""
+        if isinstance(scale, torch.Tensor):
+            return self.target_rms.rms == math.inf
+        return not scale
 
     @torch.no_grad()
     def synthetic_gradient(self, state, tokens):
@@ -314,7 +381,7 @@ class TBPTTRunner:
         """
         if self.interface is None:
             return nest.map_state(torch.zeros_like, nest.detach(state))
-        return self._synthesize(state, self._scale(tokens))
+        return self._synthesize(state, self._scale(tokens))[0]
 
     def _recover(self, reason, metrics):
         """The guard fired: restart the synthesizer from zero with half the coupling."""
@@ -362,22 +429,30 @@ class TBPTTRunner:
 
     def _loss(self, outputs, targets, metrics):
         loss = self.loss_fn(outputs, targets)
-        metrics.loss = loss.item() if self.sync is None else self.sync.mean(loss)
-        if not math.isfinite(metrics.loss):
-            raise NonFiniteLossError(
-                f"chunk {self.step}: loss is {metrics.loss}; lower the learning rate or "
-                "tighten clip, or pass on_nonfinite='skip'"
-            )
+        metrics.loss = loss.detach()
         return loss
 
-    def _clip_and_step(self, metrics):
-        if self.clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model_params, self.clip)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(self.model_params, math.inf)
-        metrics.grad_norm = float(norm)
-        if not math.isfinite(metrics.grad_norm):
-            raise NonFiniteLossError(f"chunk {self.step}: gradient norm is {metrics.grad_norm}")
+    def _check_loss(self, loss, metrics):
+        """After the backward, before anything else changes: a non-finite loss stops here."""
+        metrics.loss = loss
+        if not math.isfinite(loss):
+            self._reference = None  # this chunk's g_hat is scored nowhere
+            raise NonFiniteLossError(
+                f"chunk {self.step}: loss is {loss}; lower the learning rate or "
+                "tighten clip, or pass on_nonfinite='skip'"
+            )
+
+    def _clip_model(self):
+        """Clip the model's gradients (never the synthesizer's); their norm, on the device."""
+        return torch.nn.utils.clip_grad_norm_(self.model_params,
+                                              self.clip if self.clip else math.inf)
+
+    def _check_grad_norm(self, norm, metrics):
+        metrics.grad_norm = norm
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"chunk {self.step}: gradient norm is {norm}")
+
+    def _step(self):
         if self.synth_clip and self.synth_params:
             torch.nn.utils.clip_grad_norm_(self.synth_params, self.synth_clip)
         self.optimizer.step()
@@ -515,13 +590,26 @@ class TBPTTRunner:
             self._reference = state.get("reference")
 
 
+def _sum(tensors):
+    """sum() without its leading `0 +` (one tensor operation fewer)."""
+    tensors = iter(tensors)
+    total = next(tensors)
+    for t in tensors:
+        total = total + t
+    return total
+
+
 # ---- shared by training and evaluation ------------------------------------------------
 
 def zero_streams(state, mask, batch_dim=None):
     """Zero the streams where `mask` (B,) is True, keeping the graph elsewhere."""
     if not bool(mask.any()):
         return state
+    return _zero_streams_where(state, mask, batch_dim)
 
+
+def _zero_streams_where(state, mask, batch_dim=None):
+    """`zero_streams` for a mask known to hold a True (no host sync)."""
     def zero(t):
         dim = nest.batch_dimension(t, batch_dim)
         shape = [1] * t.dim()
@@ -541,16 +629,17 @@ def forward_with_resets(model, inputs, state, resets=None, batch_dim=None, split
         (outputs, state, the state after the first piece: step 1 with split_first)
     """
     T = inputs.shape[0]
-    cuts = {0, T}
-    if resets is not None:
-        cuts.update(int(t) for t in torch.nonzero(resets.any(dim=1)).flatten().tolist())
+    cuts, restarts = {0, T}, set()
+    if resets is not None:  # one host sync: the steps where some stream restarts
+        restarts = set(torch.nonzero(resets.any(dim=1)).flatten().tolist())
+        cuts.update(restarts)
     if split_first and T > 1:
         cuts.add(1)
     cuts = sorted(cuts)
     outputs, first = [], None
     for a, b in zip(cuts[:-1], cuts[1:]):
-        if resets is not None:
-            state = zero_streams(state, resets[a], batch_dim)
+        if a in restarts:
+            state = _zero_streams_where(state, resets[a], batch_dim)
         out, state = model(inputs[a:b], state)
         outputs.append(out)
         if first is None:
@@ -580,16 +669,18 @@ def evaluate(model, loss_fn, inputs, targets, state=None, resets=None, chunk_len
         state = model.init_state(inputs.shape[1])
     was_training = model.training
     model.eval()
-    total, count, N = 0.0, 0, inputs.shape[0]
+    losses, weights, N = [], [], inputs.shape[0]
     try:
         for a in range(0, N, chunk_length):
             b = min(a + chunk_length, N)
             outputs, state, _ = forward_with_resets(
                 model, inputs[a:b], state, resets[a:b] if resets is not None else None,
                 batch_dim)
-            tokens = (b - a) * inputs.shape[1]
-            total += loss_fn(outputs, targets[a:b]).item() * tokens
-            count += tokens
+            losses.append(loss_fn(outputs, targets[a:b]))
+            weights.append((b - a) * inputs.shape[1])
     finally:
         model.train(was_training)
-    return total / max(count, 1), state
+    total = 0.0
+    for loss, tokens in zip(read_values(losses), weights):  # one host sync, not one a chunk
+        total += loss * tokens
+    return total / max(sum(weights), 1), state

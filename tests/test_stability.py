@@ -42,6 +42,24 @@ def test_target_rms_is_a_bias_corrected_running_rms_that_skips_zeros():
     assert float(rms.value()) == pytest.approx(math.sqrt((0.25 * 4 + 0.5 * 16) / 0.75))
 
 
+def test_target_rms_in_two_halves_equals_update_bit_for_bit():
+    """propose / commit (the runner's path: one host sync per chunk) is `update` exactly."""
+    one, two = TargetRMS(), TargetRMS()
+    for ms in torch.rand(20, dtype=torch.float32) * torch.tensor([0.0, 1.0, 1e-3, 5.0]).repeat(5):
+        one.update(ms)
+        proposal, rms = two.propose(ms)
+        if float(ms) > 0:
+            two.commit(proposal, float(rms))
+        assert one.updates == two.updates and one.rms == two.rms
+        if two.known:
+            assert torch.equal(one.value(), two.value()) and two.rms == float(two.value())
+    restored = TargetRMS()
+    restored.load_state_dict(two.state_dict())
+    assert restored.rms == two.rms
+    restored.reset()
+    assert restored.rms is None and not restored.known
+
+
 def _runner(model, synth, opt, **kw):
     return dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, clip=None, synthesizer=synth,
                            **kw)

@@ -336,3 +336,74 @@ def test_walk_stopped_and_resumed_equals_one_walk():
     assert ends_whole == ends_resumed and ends_whole[-1] == 40 and len(ends_whole) > 3
     for a, b in zip(whole, resumed):
         assert torch.equal(a, b)
+
+
+class SyncCounter:
+    """Counts reads of tensor values into Python (each is a host sync on a GPU)."""
+
+    METHODS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("kind", ["plain", "dni", "dni-lambda-calibrate-aux"])
+def test_a_training_chunk_reads_the_device_once(monkeypatch, kind):
+    """Everything the runner decides on in a chunk (the non-finite checks, the target RMS,
+    the guard) is read in one host sync; the other metrics stay on the device until read."""
+    model = tiny_lm()
+    synth = aux = None
+    params = list(model.parameters())
+    kw = {}
+    if kind != "plain":
+        synth = dni.StateSynthesizer.mlp(dni.state_dim(model.init_state(1)), n_hidden=1).double()
+        params += list(synth.parameters())
+    if kind == "dni-lambda-calibrate-aux":
+        aux = dni.StateSynthesizer.mlp(dni.state_dim(model.init_state(1)), n_hidden=1).double()
+        params += list(aux.parameters())
+        kw = dict(bootstrap=0.5, calibrate=True, aux_head=aux, aux_weight=0.1)
+    runner = dni.TBPTTRunner(model, lm_loss, torch.optim.SGD(params, lr=0.1), truncation=4,
+                             synthesizer=synth, **kw)
+    data = stream(n=40)
+    walk = runner.walk(data[:-1], data[1:])
+    for _ in range(3):  # the target RMS becomes known, the cap and the gate act
+        next(walk)
+    counter = SyncCounter(monkeypatch)
+    held = []
+    for _ in range(4):
+        _, _, m = next(walk)
+        held.append(m)
+    assert counter.count == 4
+    if kind != "plain":
+        assert isinstance(vars(held[0])["cosine"], torch.Tensor)
+        assert m.cosine == float(vars(held[-1])["cosine"])  # read on access, as a float
+        assert isinstance(m.cosine, float) and isinstance(m.loss, float)
+        assert m.capped is not None and m.target_rms > 0
+    counter.count = 0
+    dni.tbptt.read_metrics(held)  # many chunks' fields in one sync
+    assert counter.count == (0 if kind == "plain" else 1)  # plain TBPTT holds none
+    assert all(not isinstance(v, torch.Tensor) for h in held for v in vars(h).values())
+
+
+def test_evaluate_reads_the_losses_once(monkeypatch):
+    model = tiny_lm()
+    data = stream(n=40)
+    expected, _ = dni.evaluate(model, lm_loss, data[:-1], data[1:], chunk_length=7)
+    total = 0.0  # the reference: a float64 sum of each chunk's loss times its tokens
+    with torch.no_grad():
+        state = model.init_state(4)
+        for a in range(0, 40, 7):
+            out, state = model(data[a:min(a + 7, 40)], state)
+            total += lm_loss(out, data[a + 1:min(a + 8, 41)]).item() * out.shape[0] * 4
+    assert expected == total / 160
+    counter = SyncCounter(monkeypatch)
+    dni.evaluate(model, lm_loss, data[:-1], data[1:], chunk_length=7)
+    assert counter.count == 1
