@@ -40,6 +40,8 @@ SETTINGS = {
     "calib-b1": {**DNI, "dni.calibrate": "true", "dni.sg_scale": "1"},
     "aux": {**DNI, "dni.method": "dni-aux"},
     "calib-aux": {**DNI, "dni.method": "dni-aux", "dni.calibrate": "true"},
+    "synth-lr3e-3": {**DNI, "dni.synth_lr": "3e-3"},
+    "synth-lr1e-2": {**DNI, "dni.synth_lr": "1e-2"},
     # the settings shipped before: raw targets (LMs) / x1000 with beta = lambda = 1 (copy),
     # no cap, no guard; and the old LM setting with only the guard added
     "old": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "false"},
