@@ -193,6 +193,15 @@ def section_copy():
             body.append(cells)
         text += [f"Longest length solved per seed (seed 1 / seed 2); {run_time(rows)}:", "",
                  table(["T"] + [METHOD_NAMES[m] for m in methods], body), ""]
+        for m in methods[1:]:
+            pairs = [(best[(m, T)][s], best[("bptt", T)][s]) for (mm, T) in best if mm == m
+                     for s in best[(m, T)] if ("bptt", T) in best and s in best[("bptt", T)]]
+            won = sum(a > b for a, b in pairs)
+            lost = sum(a < b for a, b in pairs)
+            text.append(f"{METHOD_NAMES[m]} against plain TBPTT at the same T and seed: longer "
+                        f"on {won}, equal on {len(pairs) - won - lost}, shorter on {lost} of "
+                        f"{len(pairs)}.")
+        text.append("")
         text += figures(f"{task}-truncations")
     return "\n".join(text)
 
