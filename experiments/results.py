@@ -251,8 +251,8 @@ def render():
             "What DNI buys, as measured here: on PTB words and characters at one epoch or 1M "
             "characters with the default setting, nothing beyond seed noise (equal, never "
             "diverging); on the 1-bit demo a longer solved length on every seed; on the 8-bit "
-            "copy tasks the same length or less (docs/dni.md). The sections below fill in as "
-            "their sweeps are committed.", ""]
+            "copy tasks mixed, mostly the same length or less (below; why: docs/dni.md). The "
+            "sections below fill in as their sweeps are committed.", ""]
     parts = [section_words(), section_chars(), section_copy(), section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 
