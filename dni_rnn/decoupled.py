@@ -41,7 +41,7 @@ from torch import nn
 
 from . import deferred, nest
 from .interfaces import BackwardInterface
-from .models import core_init_state
+from .models import SequenceModel, core_init_state
 from .synthesizers import BasicSynthesizer
 from .tbptt import evaluate
 
@@ -91,29 +91,14 @@ class LowerPart(nn.Module):
         return core_init_state(self.core, batch_size)
 
 
-class UpperPart(nn.Module):
-    """Part B: h `(T, B, H)` -> one LSTM layer -> decoder -> logits `(T, B, V)`."""
-
-    def __init__(self, vocab_size, hidden_dim):
-        super().__init__()
-        self.core = nn.LSTM(hidden_dim, hidden_dim)
-        self.decoder = nn.Linear(hidden_dim, vocab_size)
-
-    def forward(self, h, state):
-        y, state = self.core(h, state)
-        return self.decoder(y), state
-
-    def init_state(self, batch_size):
-        return core_init_state(self.core, batch_size)
-
-
 class StackedLM(nn.Module):
     """Both parts in one module (one process): the reference, and evaluation."""
 
     def __init__(self, vocab_size, embed_dim, hidden_dim):
         super().__init__()
         self.lower = LowerPart(vocab_size, embed_dim, hidden_dim)
-        self.upper = UpperPart(vocab_size, hidden_dim)
+        # part B: h (T, B, H) -> one LSTM layer -> linear readout -> logits (T, B, V)
+        self.upper = SequenceModel(hidden_dim, vocab_size, hidden_dim)
 
     def forward(self, tokens, state):
         h, a = self.lower(tokens, state[0])

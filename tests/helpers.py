@@ -1,4 +1,6 @@
 """Small float64 reference setups shared by the gradient tests."""
+import json
+
 import torch
 from torch import nn
 
@@ -82,3 +84,14 @@ class BiasSynthesizer(nn.Module):
 
     def forward(self, trigger, context=None):
         return tuple(b + 0 * t for b, t in zip(self.biases, trigger))
+
+
+def run_records(run_dir, kind="train"):
+    """A run's JSONL records of one kind, without the timing field (for bit-exact comparisons)."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == kind:
+            r.pop("tokens_per_s", None)
+            out.append(r)
+    return out

@@ -24,6 +24,7 @@ from dni_rnn import decoupled, distributed
 from dni_rnn.config import ConfigError
 
 import distributed_workers as workers
+from helpers import run_records
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -83,16 +84,6 @@ def _max_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def _records(run_dir, kind="train"):
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == kind:
-            r.pop("tokens_per_s", None)
-            out.append(r)
-    return out
-
-
 @pytest.mark.parametrize("case", list(workers.RUNNER_CASES))
 def test_runner_on_two_ranks_equals_one_process(case, two_ranks):
     _, _, out = two_ranks
@@ -119,11 +110,11 @@ def _check_recipe_equal(root, name, recipe, overrides, data_dir):
         assert _max_diff(a[key], b[key]) < 1e-6
     if a["hidden"] is not None:  # the gathered state is one process's state, all columns
         assert _max_diff(dict(enumerate(a["hidden"])), dict(enumerate(b["hidden"]))) < 1e-5
-    ra, rb = _records(one_dir), _records(root / f"{name}-2")
+    ra, rb = run_records(one_dir), run_records(root / f"{name}-2")
     assert [r["step"] for r in ra] == [r["step"] for r in rb]  # rank 0 alone logged
     assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
     assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
-    ea, eb = _records(one_dir, "eval"), _records(root / f"{name}-2", "eval")
+    ea, eb = run_records(one_dir, "eval"), run_records(root / f"{name}-2", "eval")
     assert [r["loss"] for r in ea] == pytest.approx([r["loss"] for r in eb], rel=1e-5)
     return one
 
@@ -144,8 +135,8 @@ def test_resumed_two_rank_run_equals_uninterrupted(two_ranks):
     root, _, out = two_ranks
     assert out[0]["runs"]["copy-cut"] == out[1]["runs"]["copy-cut"] == "killed"
     whole, again = root / "copy-2", root / "copy-cut"
-    assert _records(whole) == _records(again)  # every loss and statistic, to the last bit
-    assert _records(whole, "eval") == _records(again, "eval")
+    assert run_records(whole) == run_records(again)  # every loss and statistic, to the last bit
+    assert run_records(whole, "eval") == run_records(again, "eval")
     a, b = ckpt.load(whole / "last.pt"), ckpt.load(again / "last.pt")
     assert _max_diff(a["model"], b["model"]) == 0.0
     assert _max_diff(a["synthesizer"], b["synthesizer"]) == 0.0

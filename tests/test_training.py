@@ -11,6 +11,7 @@ from dni_rnn.compare import sweep
 from dni_rnn.config import ConfigError, load_recipe
 from dni_rnn.tbptt import TBPTTRunner
 from dni_rnn.training import evaluate_checkpoint, train
+from helpers import run_records
 
 # a tiny word LM that still exercises everything a resume must restore: dropout (torch
 # RNG), random chunk lengths (the schedule's generator), DNI (synthesizer + its own
@@ -23,16 +24,6 @@ TINY_LM = ["model.embed_dim=16", "model.hidden_dim=16", "model.dropout=0.2",
 TINY_COPY = ["model.hidden_dim=16", "data.batch_size=4", "task.eval_sequences=8",
              "train.truncation=3", "train.max_steps=16", "train.eval_interval=5",
              "train.log_interval=1", "train.progress=false", "task.threshold=100"]
-
-
-def _records(run_dir, kind="train"):
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == kind:
-            r.pop("tokens_per_s", None)
-            out.append(r)
-    return out
 
 
 class Interrupt(Exception):
@@ -67,10 +58,10 @@ def test_resume_after_a_kill_is_bit_exact(recipe, overrides, ptb_dir, tmp_path, 
     assert ckpt.load(tmp_path / "cut" / "last.pt")["runner"]["step"] == 10
     again = train(load_recipe(recipe, overrides), out_dir=tmp_path / "cut", resume=True,
                   data_dir=data, quiet=True)
-    a, b = _records(tmp_path / "whole"), _records(tmp_path / "cut")
+    a, b = run_records(tmp_path / "whole"), run_records(tmp_path / "cut")
     assert [r["step"] for r in a] == list(range(1, 17)) == [r["step"] for r in b]
     assert a == b  # losses, synthesizer loss, cosine, norms: equal to the last bit
-    assert _records(tmp_path / "whole", "eval") == _records(tmp_path / "cut", "eval")
+    assert run_records(tmp_path / "whole", "eval") == run_records(tmp_path / "cut", "eval")
     for key in ("best_step", "steps", "tokens"):
         assert whole[key] == again[key]
     if recipe.startswith("ptb"):
@@ -99,7 +90,7 @@ def test_summary_evaluate_and_plateau(ptb_dir, tmp_path):
         "optim.lr=0.5", "optim.plateau_factor=0.5", "train.early_stop=2", "train.max_steps=40",
         "train.eval_interval=2", "train.random_truncation=false"])
     s = train(cfg, out_dir=tmp_path, data_dir=data, quiet=True)
-    evals = _records(tmp_path, "eval")
+    evals = run_records(tmp_path, "eval")
     valid = [r for r in evals if r["split"] == "valid"]
     assert s["stopped_early"] and s["steps"] < 40
     assert any(b["lr"] < a["lr"] for a, b in zip(valid, valid[1:]))
