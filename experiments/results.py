@@ -201,6 +201,15 @@ def section_copy():
             text.append(f"{METHOD_NAMES[m]} against plain TBPTT at the same T and seed: longer "
                         f"on {won}, equal on {len(pairs) - won - lost}, shorter on {lost} of "
                         f"{len(pairs)}.")
+        fired = [r for r in rows if r["method"] != "bptt" and int(r["recoveries"] or 0)]
+        dni_runs = sum(r["method"] != "bptt" for r in rows)
+        if fired:
+            where = ", ".join(f"{r['method']} T={r['T']} seed {r['seed']}: {r['recoveries']}"
+                              for r in fired)
+            text.append(f"The divergence guard recovered (re-zeroed the synthesizer, halved beta) "
+                        f"in {len(fired)} of {dni_runs} DNI runs ({where}); no run ended non-finite.")
+        else:
+            text.append(f"The divergence guard never fired in the {dni_runs} DNI runs.")
         text.append("")
         text += figures(f"{task}-truncations")
     return "\n".join(text)
