@@ -198,11 +198,22 @@ def _progress_line(run_dir, budget):
     return f"{done}, {speed:,.0f} tok/s, {eta}"
 
 
+# How a run was executed, not what it computes: a finished run is reused whatever these were.
+_EXECUTION_KEYS = {("train", "threads"), ("train", "progress"), ("train", "tensorboard"),
+                   ("train", "out_dir"), ("data", "data_dir")}
+
+
+def _identity(config_dict):
+    return {section: ({k: v for k, v in values.items() if (section, k) not in _EXECUTION_KEYS}
+                      if isinstance(values, dict) else values)
+            for section, values in config_dict.items()}
+
+
 def _finished(run_dir, cfg):
     path = run_dir / "summary.json"
     if not path.is_file() or not (run_dir / "config.json").is_file():
         return None
-    if json.loads((run_dir / "config.json").read_text()) != cfg.to_dict():
+    if _identity(json.loads((run_dir / "config.json").read_text())) != _identity(cfg.to_dict()):
         raise ConfigError(f"{run_dir} holds a run of another configuration; use another --out")
     return json.loads(path.read_text())
 

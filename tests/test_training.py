@@ -132,6 +132,15 @@ def test_compare_writes_table_csv_and_plots(tmp_path):
     lines.clear()
     sweep(cfg, [2], ["dni"], [1], 240, tmp_path, points=3, say=lines.append)  # reused
     assert "reused" in lines[0]
+    # how a run was executed (threads, progress bar) does not make it another run ...
+    lines.clear()
+    cfg.train.threads, cfg.train.progress = 1, not cfg.train.progress
+    sweep(cfg, [2], ["dni"], [1], 240, tmp_path, points=3, say=lines.append)
+    assert "reused" in lines[0]
+    # ... but what it computes does
+    cfg.optim.lr *= 2
+    with pytest.raises(ConfigError, match="another configuration"):
+        sweep(cfg, [2], ["dni"], [1], 240, tmp_path, points=3, say=lines.append)
 
 
 def test_compare_on_an_update_budget_gives_every_T_the_same_updates(tmp_path):
