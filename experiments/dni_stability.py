@@ -26,6 +26,8 @@ DNI = {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
        "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true"}
 SETTINGS = {
     "plain": {"dni.method": "bptt"},
+    # the recipe as shipped, its own [dni] section included
+    "recipe": {"dni.method": "dni"},
     # the shipped default: targets in running-RMS units, cap 1, guard on, beta = lambda = 0.1
     "default": DNI,
     "rms-nocap": {**DNI, "dni.sg_cap": "0"},

@@ -1,0 +1,62 @@
+"""One CSV row per validation of finished runs: the per-epoch record behind a docs table.
+
+    python experiments/run_csv.py runs/zaremba/bptt-T20-s1 [RUN_DIR ...] \
+        --out docs/results/zaremba-small.csv
+
+Each row: the run's recipe, method, T and seed (from its config.json), the validation's
+epoch, updates, tokens, learning rate and metric; the run's test metric and wall time on
+every row (empty while the run has not finished). Reads metrics.jsonl and summary.json only.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+FIELDS = ["recipe", "method", "T", "seed", "epoch", "updates", "tokens", "lr", "valid",
+          "test", "metric", "elapsed_s", "run"]
+
+
+def rows(run_dir):
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    metric = summary.get("metric") or ("bpc" if cfg["data"]["corpus"] == "ptb-char" else "ppl")
+    test = summary.get(f"test_{metric}", "")
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") != "eval" or rec.get("split") != "valid":
+            continue
+        out.append({"recipe": cfg["recipe"], "method": cfg["dni"]["method"],
+                    "T": cfg["train"]["truncation"], "seed": cfg["train"]["seed"],
+                    "epoch": rec["epoch"], "updates": rec["updates"], "tokens": rec["tokens"],
+                    "lr": rec["lr"], "valid": round(rec[metric], 3),
+                    "test": round(test, 3) if test != "" else "", "metric": metric,
+                    "elapsed_s": round(summary["elapsed_s"], 1) if summary else "",
+                    "run": run_dir.name})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="CSV to write")
+    args = p.parse_args(argv)
+    table = []
+    for d in args.runs:
+        if not (Path(d) / "metrics.jsonl").is_file():
+            print(f"run_csv: {d} holds no metrics.jsonl; pass a run directory", file=sys.stderr)
+            return 2
+        table += rows(d)
+    with open(args.out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(table)
+    print(f"wrote {args.out}: {len(table)} rows from {len(args.runs)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
