@@ -133,8 +133,12 @@ class DivergenceGuard:
       of the last `horizon` chunks. A bootstrapped target that feeds on itself grows
       geometrically, chunk after chunk; a task's own gradients change more slowly (a
       curriculum step, a solved task that gets harder). Values seen in the burn-in after a
-      recovery do not lower the floor, so a run whose model was already damaged keeps
-      backing off;
+      recovery do not lower the floor. After a recovery that this rule caused, the floor
+      starts again from the values judged after the burn-in: the synthesizer was re-zeroed,
+      so a target that fed on itself starts again from the task's own scale and, if it runs
+      away again, fires again; a task whose own gradients grew (a copy curriculum's first
+      lengths: 950x in 150 chunks, docs/dni.md) fires once instead of at every burn-in
+      until the old floor leaves the horizon;
     - the injected synthetic gradient (beta times the capped g_hat) outweighed the real
       gradient more than `ratio` times, on average over about `window` chunks: the model
       is being driven by the synthesizer rather than by its task;
@@ -154,13 +158,18 @@ class DivergenceGuard:
         self.chunks = 0
         self.recent = collections.deque()  # (chunk, rms), rms increasing: a sliding minimum
         self.recovered = False
+        self.grew = False  # the last verdict was the growth rule's
         self.restart()
 
     def restart(self, recovered=False):
-        """Start judging afresh, after a recovery when `recovered` (the floor is kept)."""
+        """Start judging afresh, after a recovery when `recovered` (the floor is kept, unless
+        the growth rule fired: then it is built again after the burn-in)."""
         self.seen = 0
         self.ratio_avg = None
         self.recovered = self.recovered or recovered
+        if recovered and self.grew:
+            self.recent.clear()
+        self.grew = False
 
     @property
     def floor(self):
@@ -189,6 +198,7 @@ class DivergenceGuard:
                 self._remember(rms)
             return None
         if rms > self.growth * self.floor:
+            self.grew = True
             return (f"the target RMS grew {rms / self.floor:.0f}x within {self.horizon} chunks "
                     f"(from {self.floor:.2e} to {rms:.2e})")
         if self.ratio_avg is not None and self.ratio_avg > self.ratio:
@@ -198,7 +208,7 @@ class DivergenceGuard:
 
     def state_dict(self):
         return {"chunks": self.chunks, "seen": self.seen, "recent": list(self.recent),
-                "ratio_avg": self.ratio_avg, "recovered": self.recovered}
+                "ratio_avg": self.ratio_avg, "recovered": self.recovered, "grew": self.grew}
 
     def load_state_dict(self, state):
         if "recent" not in state:  # an earlier guard's state: judge afresh
@@ -206,6 +216,7 @@ class DivergenceGuard:
         self.chunks, self.seen = int(state["chunks"]), int(state["seen"])
         self.recent = collections.deque((int(c), float(v)) for c, v in state["recent"])
         self.ratio_avg, self.recovered = state["ratio_avg"], bool(state["recovered"])
+        self.grew = bool(state.get("grew", False))
 
 
 def zero_output_(synthesizer):

@@ -147,10 +147,22 @@ def test_guard_fires_on_fast_growth_or_a_dominating_injection():
     assert guard.check(50.0, 0.5, 1.0) is None                            # 50x: allowed
     assert "grew 200x" in guard.check(200.0, 0.5, 1.0)                    # a runaway
     guard.restart(recovered=True)
-    for _ in range(3):  # burn-in after a recovery: nothing judged, the floor is kept
+    for _ in range(3):  # burn-in after a recovery: nothing judged
         assert guard.check(500.0, 0.5, 1.0) is None
-    assert "grew 500x" in guard.check(500.0, 0.5, 1.0)
+    # the growth rule fired, so the floor starts again after the burn-in: a scale that
+    # stays (the task's own) fires no more, one that keeps growing fires again
+    assert [guard.check(500.0, 0.5, 1.0) for _ in range(5)] == [None] * 5
+    assert "grew 200x" in guard.check(1e5, 0.5, 1.0)
     assert "not finite" in guard.check(math.inf, 0.1, 1.0)
+    # after a recovery for another reason the floor is kept: the burn-in cannot lower it
+    kept = DivergenceGuard(growth=100, horizon=20, burn_in=3)
+    assert [kept.check(1.0, 0.5, 1.0) for _ in range(4)] == [None] * 4
+    kept.restart(recovered=True)  # e.g. the injection rule fired
+    assert [kept.check(500.0, 0.5, 1.0) for _ in range(3)] == [None] * 3
+    assert "grew 500x" in kept.check(500.0, 0.5, 1.0)
+    copied = DivergenceGuard(growth=100, horizon=20, burn_in=3)
+    copied.load_state_dict(kept.state_dict())
+    assert copied.state_dict() == kept.state_dict() and copied.grew
     slow = DivergenceGuard(growth=100, horizon=6, burn_in=3)
     # the floor looks back 5 chunks: 3x per chunk (243x) is a runaway, 1.5x (7.6x) is not
     assert all(slow.check(1.5 ** k, 0.5, 1.0) is None for k in range(40))
