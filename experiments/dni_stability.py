@@ -58,6 +58,7 @@ CASES = {
     "word-T10": ("ptb-word-small", {**LM, "train.epochs": "1", "train.truncation": "10"}),
     "word-T5-300k": ("ptb-word-small", {**LM, "train.max_tokens": "300000",
                                         "train.truncation": "5", "train.test": "false"}),
+    "word-T7": ("ptb-word-small", {**LM, "train.epochs": "1", "train.truncation": "7"}),
     "word-T35": ("ptb-word-small", {**LM, "train.epochs": "1", "train.truncation": "35"}),
     "char-T5": ("ptb-char", {**LM, "train.max_tokens": "1000000", "train.truncation": "5",
                              "train.eval_tokens": "250000"}),
