@@ -173,7 +173,11 @@ def main(argv=None):
     p.add_argument("--cases", default="", help="comma-separated cases")
     p.add_argument("--deadline", type=float, default=0, help="seconds; no run starts later "
                    "and running ones are stopped (0: none)")
+    p.add_argument("--collect", action="store_true", help="train nothing: write results.csv "
+                   "for every finished run in --out (what several sweeps left there)")
     args = p.parse_args(argv)
+    if args.collect:
+        return write_rows(Path(args.out), finished_runs(Path(args.out)))
     only = set(filter(None, args.only.split(",")))
     cases = set(filter(None, args.cases.split(",")))
     explicit = [(c, st, int(seed)) for c, st, seed in
@@ -199,6 +203,22 @@ def main(argv=None):
     else:
         with ThreadPoolExecutor(args.jobs) as a:
             list(a.map(go, plan))
+    write_rows(out, plan)
+
+
+def finished_runs(out):
+    """(case, setting, seed) of every run directory in `out` that holds a summary.json."""
+    found = []
+    for case in CASES:
+        for setting in SETTINGS:
+            for path in sorted(out.glob(f"{case}-{setting}-s*/summary.json")):
+                seed = path.parent.name[len(f"{case}-{setting}-s"):]
+                if seed.isdigit():
+                    found.append((case, setting, int(seed)))
+    return found
+
+
+def write_rows(out, plan):
     rows = [row(out, *j) for j in plan]
     keys = ["case", "setting", "seed", "recipe", "status", "metric", "best", "test",
             "final_error", "recoveries", "cos_end", "ratio_end", "capped_end", "rms_growth",
