@@ -255,7 +255,10 @@ def section_zaremba():
             "    python experiments/run_csv.py runs/zaremba/* --out docs/results/" + name, "",
             f"The paper: {ZAREMBA['valid']} valid / {ZAREMBA['test']} test perplexity "
             "(TensorFlow's reproduction: 115.9 test). `ptb-word-small` (Adam, T=35, 6 epochs) "
-            "is not that recipe and does not reach it (best valid 172.9, issue 10).", ""]
+            "is not that recipe and does not reach it (best valid 172.9, issue 10). DNI in "
+            "the same recipe (`--set dni.method=dni --set train.truncation=5` or `10`, out "
+            "`runs/zaremba/dni-T5-s1`, `dni-T10-s1`) joins the table when its runs finish.",
+            ""]
     rows = read(name)
     if rows is None:
         return "\n".join(text) + "\n" + pending(name)

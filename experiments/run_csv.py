@@ -4,7 +4,7 @@
         --out docs/results/zaremba-small.csv
 
 Each row: the run's recipe, method, T and seed (from its config.json), the validation's
-epoch, updates, tokens, learning rate and metric; the run's test metric and wall time on
+epoch, updates, tokens, the learning rate its last updates used, and its metric; the run's test metric and wall time on
 every row (empty while the run has not finished). Reads metrics.jsonl and summary.json only.
 """
 import argparse
@@ -24,15 +24,20 @@ def rows(run_dir):
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     metric = summary.get("metric") or ("bpc" if cfg["data"]["corpus"] == "ptb-char" else "ppl")
     test = summary.get(f"test_{metric}", "")
-    out = []
+    out, trained = [], []  # trained: (step, lr) of the train records so far
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
+        if rec.get("kind") == "train":
+            trained.append((rec["step"], rec["lr"]))
         if rec.get("kind") != "eval" or rec.get("split") != "valid":
             continue
+        # the rate of the updates before this validation (an epoch's closing record already
+        # shows the next epoch's rate)
+        lr = next((r for s, r in reversed(trained) if s < rec["step"]), None)
         out.append({"recipe": cfg["recipe"], "method": cfg["dni"]["method"],
                     "T": cfg["train"]["truncation"], "seed": cfg["train"]["seed"],
                     "epoch": rec["epoch"], "updates": rec["updates"], "tokens": rec["tokens"],
-                    "lr": rec["lr"], "valid": round(rec[metric], 3),
+                    "lr": lr if lr is not None else rec["lr"], "valid": round(rec[metric], 3),
                     "test": round(test, 3) if test != "" else "", "metric": metric,
                     "elapsed_s": round(summary["elapsed_s"], 1) if summary else "",
                     "run": run_dir.name})

@@ -1,5 +1,7 @@
 """docs/RESULTS.md is what experiments/results.py makes of the committed CSVs."""
+import csv
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,3 +34,32 @@ def test_the_generator_reads_a_sweep_csv(tmp_path, monkeypatch):
     assert "| T=2 | 1.981 / 1.982 | 1.881 / 1.882 |" in text
     assert "| T=2 | 2 of 2 seeds | -0.100 | 2 of 2 seeds |" in text  # 1.881 <= plain T=4 1.961
     assert "8 runs, 8.0 hours" in text
+
+
+def test_run_csv_takes_each_epochs_rate_and_the_runs_test(tmp_path):
+    """experiments/run_csv.py: one row per validation, with the lr its updates used (an
+    epoch's closing train record already carries the decayed rate) and the run's test."""
+    spec = importlib.util.spec_from_file_location("run_csv", ROOT / "experiments" / "run_csv.py")
+    run_csv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_csv)
+    run = tmp_path / "bptt-T20-s1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({
+        "recipe": "ptb-word-zaremba-small", "data": {"corpus": "ptb-word"},
+        "dni": {"method": "bptt"}, "train": {"truncation": 20, "seed": 1}}))
+    records = [{"kind": "train", "step": 5, "lr": 20.0},
+               {"kind": "train", "step": 10, "lr": 10.0},  # closes epoch 1, decayed
+               {"kind": "eval", "split": "valid", "step": 10, "epoch": 1, "updates": 10,
+                "tokens": 400, "lr": 10.0, "ppl": 150.0},
+               {"kind": "train", "step": 15, "lr": 10.0},
+               {"kind": "eval", "split": "valid", "step": 20, "epoch": 2, "updates": 20,
+                "tokens": 800, "lr": 5.0, "ppl": 140.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "summary.json").write_text(json.dumps({"metric": "ppl", "test_ppl": 130.04,
+                                                  "elapsed_s": 3600.0}))
+    out = tmp_path / "rows.csv"
+    assert run_csv.main([str(run), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["epoch"], r["lr"], r["valid"], r["test"]) for r in rows] == [
+        ("1", "20.0", "150.0", "130.04"), ("2", "10.0", "140.0", "130.04")]
+    assert run_csv.main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
