@@ -28,7 +28,7 @@ def test_recipe_values_override_defaults():
     small = C.load_recipe("ptb-word-small")
     assert (small.optim.name, small.optim.lr, small.optim.clip) == ("adam", 1e-3, 0.25)
     assert (small.dni.sg_scale, small.dni.bootstrap, small.dni.target_scale) == (0.1, None, "raw")
-    assert (small.dni.sg_cap, small.dni.guard) == (0.0, True)  # measured per recipe: docs/dni.md
+    assert (small.dni.sg_cap, small.dni.guard) == (1.0, True)  # measured per recipe: docs/dni.md
     assert (cfg.dni.target_scale, cfg.dni.sg_cap) == ("rms", 1.0)  # medium: the library's
     assert metric_name(C.load_recipe("ptb-char").data) == "bpc"
     assert CopyTask(C.load_recipe("copy")).metric.name == "length"
