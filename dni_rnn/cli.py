@@ -96,6 +96,8 @@ def build_parser():
     c.add_argument("--jobs", type=int, default=0, help="runs trained at once, each with cores / "
                    "jobs torch threads (default 0: one per core, at most the runs left)")
     c.add_argument("--out", help="output directory (default runs/compare-<recipe>)")
+    c.add_argument("--report", action="store_true", help="train nothing: tables, CSV and plots "
+                   "of the runs finished so far in --out")
     common(c)
     c.set_defaults(func=cmd_compare)
 
@@ -198,7 +200,7 @@ def cmd_compare(args):
     sweep(cfg, parse_list(args.truncations, int, "--truncations"),
           parse_list(args.methods, str, "--methods"), parse_list(args.seeds, int, "--seeds"),
           args.budget_tokens, out, data_dir=args.data_dir, points=args.points, jobs=args.jobs,
-          budget_updates=args.budget_updates)
+          budget_updates=args.budget_updates, report=args.report)
     print((Path(out) / "results.md").read_text(), end="")
     return 0
 

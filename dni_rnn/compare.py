@@ -50,7 +50,7 @@ def parse_list(text, kind, name):
 
 
 def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=None, points=10,
-          say=print, jobs=1, progress_every=30.0, budget_updates=0):
+          say=print, jobs=1, progress_every=30.0, budget_updates=0, report=False):
     """Run every (method, T, seed) and write the tables and plots.
 
     Args:
@@ -65,6 +65,8 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
         jobs: runs trained at once, each in its own process with cores / jobs threads
             (0: as many as there are cores, at most the runs left).
         progress_every: seconds between progress lines of running jobs.
+        report: train nothing; write the tables, CSV and plots of the runs finished so far
+            (a sweep still running elsewhere, or one cut short), naming those left out.
     Returns:
         list of result rows (dicts), one per (method, T).
     """
@@ -108,7 +110,14 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
         configs[run_dir] = (k, c)
     pending = [d for d in configs if summaries[d] is None]
     jobs = jobs or min(os.cpu_count() or 1, max(len(pending), 1))
-    if jobs <= 1:
+    if report:
+        if pending:
+            say(f"--report: {len(pending)} of {len(grid)} runs not finished, left out: "
+                + ", ".join(d.name for d in pending))
+        grid = [g for g in grid if summaries[out / f"{g[0]}-T{g[1]}-s{g[2]}"] is not None]
+        if not grid:
+            raise ConfigError(f"--report: no finished run in {out}; run the sweep first")
+    elif jobs <= 1:
         for d in pending:
             k, c = configs[d]
             say(f"[{k}/{len(grid)}] {c.dni.method} T={c.train.truncation} "
@@ -240,6 +249,8 @@ def _rows(runs, methods, truncations):
     for method in methods:
         for T in truncations:
             group = [r for r in runs if r["method"] == method and r["T"] == T]
+            if not group:  # --report before any seed of it finished
+                continue
             s = [r["summary"] for r in group]
             row = {"method": method, "T": T, "seeds": len(group),
                    "updates": s[0]["steps"], "tokens": s[0]["tokens"]}

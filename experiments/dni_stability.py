@@ -48,6 +48,9 @@ SETTINGS = {
     # no cap, no guard; and the old LM setting with only the guard added
     "old": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "false"},
     "old-guard": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0"},
+    # raw targets, the cap, and beta = lambda = 0.0125 (where the guard left raw-guard's
+    # winning runs): a small capped raw injection from the start
+    "raw-cap-b0125": {**DNI, "dni.target_scale": "raw", "dni.sg_scale": "0.0125"},
     # the same as old-guard, run under the final guard (ptb-word-small shipped it for a day)
     "raw-guard": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0"},
     "old-copy": {**DNI, "dni.sg_scale": "1", "dni.bootstrap": "1", "dni.target_scale": "1000",

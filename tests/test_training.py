@@ -137,6 +137,16 @@ def test_compare_writes_table_csv_and_plots(tmp_path):
     cfg.train.threads, cfg.train.progress = 1, not cfg.train.progress
     sweep(cfg, [2], ["dni"], [1], 240, tmp_path, points=3, say=lines.append)
     assert "reused" in lines[0]
+    # --report trains nothing: the finished runs' tables, and the others named
+    lines.clear()
+    rows = sweep(cfg, [2, 3, 5], ["dni"], [1, 2], 240, tmp_path, points=3, say=lines.append,
+                 report=True)
+    assert [(r["T"], r["seeds"]) for r in rows] == [(2, 2), (3, 2)]
+    left_out = next(x for x in lines if x.startswith("--report"))
+    assert "2 of 6 runs not finished" in left_out and "dni-T5-s1" in left_out
+    assert not (tmp_path / "dni-T5-s1").exists()
+    with pytest.raises(ConfigError, match="no finished run"):
+        sweep(cfg, [7], ["dni"], [1], 240, tmp_path, points=3, say=lines.append, report=True)
     # ... but what it computes does
     cfg.optim.lr *= 2
     with pytest.raises(ConfigError, match="another configuration"):
