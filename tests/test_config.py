@@ -29,6 +29,7 @@ def test_recipe_values_override_defaults():
     assert (small.optim.name, small.optim.lr, small.optim.clip) == ("adam", 1e-3, 0.25)
     assert (small.dni.sg_scale, small.dni.bootstrap, small.dni.target_scale) == (0.0125, None, "raw")
     assert (small.dni.sg_cap, small.dni.guard) == (1.0, True)  # measured per recipe: docs/dni.md
+    assert (small.train.epochs, small.train.log_interval) == (6, 200)
     assert (cfg.dni.target_scale, cfg.dni.sg_cap, cfg.dni.sg_scale) == ("rms", 1.0, 0.1)  # medium
     assert metric_name(C.load_recipe("ptb-char").data) == "bpc"
     assert CopyTask(C.load_recipe("copy")).metric.name == "length"
