@@ -184,6 +184,21 @@ def section_chars():
              "and as good as plain TBPTT at 2T?", "",
              table(["T", "DNI better than plain at T", "mean bpc difference", "DNI <= plain at 2T"],
                    claims), ""]
+    fired = [r for r in rows if r["method"] != "bptt" and int(r["recoveries"] or 0)]
+    if fired:
+        text.append(f"The divergence guard recovered in {len(fired)} of "
+                    f"{sum(r['method'] != 'bptt' for r in rows)} DNI runs ("
+                    + ", ".join(f"{r['method']} T={r['T']} seed {r['seed']}: {r['recoveries']}"
+                                for r in fired) + ").")
+    worse = [r for r in rows if float(r["final"]) > 1.02 * float(r["best"])]
+    if worse:
+        text.append("Runs whose last validation ended more than 2% above their best (the test "
+                    "uses the best checkpoint, so the table does not show it): "
+                    + ", ".join(f"{METHOD_NAMES[r['method']]} T={r['T']} seed {r['seed']} "
+                                f"({float(r['best']):.3f} -> {float(r['final']):.3f})"
+                                for r in worse) + ".")
+    if fired or worse:
+        text.append("")
     text += figures("ptb-char-truncations")
     return "\n".join(text)
 
