@@ -6,7 +6,8 @@ finished runs (summary.json present) are reused, so an interrupted sweep resumes
     python experiments/dni_stability.py --out runs/stability --data-dir ../shared/data \
         --jobs 2 [--only default,plain] [--cases word-T5] [--deadline 540]
 
-Writes OUT/results.csv (one row per run) and prints it. The language models run on
+Writes OUT/results.csv (one row per run of this invocation) and prints it; `--collect`
+trains nothing and writes the rows of every finished run in OUT (several sweeps' worth). The language models run on
 train.device=auto (CUDA where present); copy and the demo on the CPU (`--cpu-jobs`). The
 demo recipe trains one method per run here (`dni-rnn demo` runs both).
 """
