@@ -183,7 +183,10 @@ def main(argv=None):
                    "for every finished run in --out (what several sweeps left there)")
     args = p.parse_args(argv)
     if args.collect:
-        return write_rows(Path(args.out), finished_runs(Path(args.out)))
+        found = finished_runs(Path(args.out)) if Path(args.out).is_dir() else []
+        if not found:
+            sys.exit(f"--collect: no finished run in {args.out}")
+        return write_rows(Path(args.out), found)
     only = set(filter(None, args.only.split(",")))
     cases = set(filter(None, args.cases.split(",")))
     explicit = [(c, st, int(seed)) for c, st, seed in
