@@ -136,6 +136,18 @@ def by_method_T(rows, field):
     return out
 
 
+def recoveries(rows):
+    """One sentence on the divergence guard in a sweep's runs.csv rows."""
+    fired = [r for r in rows if r["method"] != "bptt" and int(r["recoveries"] or 0)]
+    dni_runs = sum(r["method"] != "bptt" for r in rows)
+    if not fired:
+        return f"The divergence guard never fired in the {dni_runs} DNI runs."
+    where = ", ".join(f"{r['method']} T={r['T']} seed {r['seed']}: {r['recoveries']}"
+                      for r in fired)
+    return (f"The divergence guard recovered (re-zeroed the synthesizer, halved beta) in "
+            f"{len(fired)} of {dni_runs} DNI runs ({where}); no run ended non-finite.")
+
+
 def section_chars():
     name = "ptb-char-truncations.csv"
     command = ("dni-rnn compare ptb-char --truncations 2,3,4,5,8 --methods bptt,dni,dni-aux "
@@ -184,12 +196,7 @@ def section_chars():
              "and as good as plain TBPTT at 2T?", "",
              table(["T", "DNI better than plain at T", "mean bpc difference", "DNI <= plain at 2T"],
                    claims), ""]
-    fired = [r for r in rows if r["method"] != "bptt" and int(r["recoveries"] or 0)]
-    if fired:
-        text.append(f"The divergence guard recovered in {len(fired)} of "
-                    f"{sum(r['method'] != 'bptt' for r in rows)} DNI runs ("
-                    + ", ".join(f"{r['method']} T={r['T']} seed {r['seed']}: {r['recoveries']}"
-                                for r in fired) + ").")
+    text.append(recoveries(rows))
     worse = [r for r in rows if float(r["final"]) > 1.02 * float(r["best"])]
     if worse:
         text.append("Runs whose last validation ended more than 2% above their best (the test "
@@ -197,8 +204,7 @@ def section_chars():
                     + ", ".join(f"{METHOD_NAMES[r['method']]} T={r['T']} seed {r['seed']} "
                                 f"({float(r['best']):.3f} -> {float(r['final']):.3f})"
                                 for r in worse) + ".")
-    if fired or worse:
-        text.append("")
+    text.append("")
     text += figures("ptb-char-truncations")
     return "\n".join(text)
 
@@ -239,16 +245,7 @@ def section_copy():
             text.append(f"{METHOD_NAMES[m]} against plain TBPTT at the same T and seed: longer "
                         f"on {won}, equal on {len(pairs) - won - lost}, shorter on {lost} of "
                         f"{len(pairs)}.")
-        fired = [r for r in rows if r["method"] != "bptt" and int(r["recoveries"] or 0)]
-        dni_runs = sum(r["method"] != "bptt" for r in rows)
-        if fired:
-            where = ", ".join(f"{r['method']} T={r['T']} seed {r['seed']}: {r['recoveries']}"
-                              for r in fired)
-            text.append(f"The divergence guard recovered (re-zeroed the synthesizer, halved beta) "
-                        f"in {len(fired)} of {dni_runs} DNI runs ({where}); no run ended non-finite.")
-        else:
-            text.append(f"The divergence guard never fired in the {dni_runs} DNI runs.")
-        text.append("")
+        text += [recoveries(rows), ""]
         text += figures(f"{task}-truncations")
     return "\n".join(text)
 
