@@ -253,47 +253,65 @@ def section_copy():
 ZAREMBA = {"valid": 120.7, "test": 114.5}  # Zaremba et al. 2014, Table 1, small, non-regularized
 
 
+def zaremba_label(run):
+    return f"{METHOD_NAMES[run['method']]} T={run['T']}"
+
+
 def section_zaremba():
     name = "zaremba-small.csv"
     text = ["## A published number: Zaremba et al. 2014, small", "",
             "`ptb-word-zaremba-small`: the paper's small model and schedule (2x200 LSTM, no "
             "dropout, batch 20, T=20, SGD halving the learning rate each epoch after the 4th, "
             "13 epochs, uniform init 0.1, tested with one stream; lr 20 and clip 0.25 on our "
-            "mean loss are the paper's lr 1 and clip 5 on the summed loss), plain TBPTT, "
-            f"seed 1, on {CPU}:", "",
+            "mean loss are the paper's lr 1 and clip 5 on the summed loss), seed 1, on "
+            f"{CPU}. Plain TBPTT at the paper's T=20, and plain TBPTT and DNI (the "
+            "library's DNI defaults, the synthesizer on its own Adam at 1e-3) at T=5 and "
+            "T=10 in the same recipe:", "",
             "    dni-rnn train ptb-word-zaremba-small --set train.threads=1 --out "
             "runs/zaremba/bptt-T20-s1",
-            "    python experiments/run_csv.py runs/zaremba/* --out docs/results/" + name, "",
+            "    dni-rnn train ptb-word-zaremba-small --set train.truncation=5 "
+            "--set train.threads=1 --out runs/zaremba/bptt-T5-s1",
+            "    dni-rnn train ptb-word-zaremba-small --set dni.method=dni "
+            "--set train.truncation=5 --set train.threads=1 --out runs/zaremba/dni-T5-s1",
+            "    # and the same two with train.truncation=10, out runs/zaremba/*-T10-s1",
+            "    python experiments/run_csv.py runs/zaremba/*-s1 --out docs/results/" + name, "",
             f"The paper: {ZAREMBA['valid']} valid / {ZAREMBA['test']} test perplexity "
             "(TensorFlow's reproduction: 115.9 test). `ptb-word-small` (Adam, T=35, 6 epochs) "
-            "is not that recipe and does not reach it (best valid 172.9, issue 10). DNI in "
-            "the same recipe (`--set dni.method=dni --set train.truncation=5` or `10`, out "
-            "`runs/zaremba/dni-T5-s1`, `dni-T10-s1`) joins the table when its runs finish.",
-            ""]
+            "is not that recipe and does not reach it (best valid 172.9, issue 10).", ""]
     rows = read(name)
     if rows is None:
         return "\n".join(text) + "\n" + pending(name)
     runs = {}
     for r in rows:
         runs.setdefault(r["run"], []).append(r)
-    for run, rs in runs.items():
-        first = rs[0]
-        label = f"{METHOD_NAMES[first['method']]}, T={first['T']}, seed {first['seed']}"
-        body = [[r["epoch"], f"{float(r['lr']):g}", f"{float(r['valid']):.2f}"] for r in rs]
+    order = sorted(runs, key=lambda k: (-int(runs[k][0]["T"]), runs[k][0]["method"] != "bptt"))
+    body, tests = [], {}
+    for run in order:
+        rs, first = runs[run], runs[run][0]
         best = min(float(r["valid"]) for r in rs)
-        text += [f"{label} (`{run}`), validation perplexity after each epoch:", "",
-                 table(["epoch", "lr", "valid ppl"], body), ""]
         if first["test"]:
             test = float(first["test"])
-            hours = float(first["elapsed_s"]) / 3600
-            text.append(f"Best valid {best:.2f} ({100 * (best - ZAREMBA['valid']) / ZAREMBA['valid']:+.1f}% "
-                        f"against the paper), test **{test:.2f}** "
-                        f"({100 * (test - ZAREMBA['test']) / ZAREMBA['test']:+.1f}% against the "
-                        f"paper's {ZAREMBA['test']}), {hours:.1f} hours of training.")
+            tests[(first["method"], int(first["T"]))] = test
+            hours = f"{float(first['elapsed_s']) / 3600:.1f}"
+            vs = f"{100 * (test - ZAREMBA['test']) / ZAREMBA['test']:+.1f}%"
+            test = f"**{test:.2f}**"
         else:
-            text.append(f"Not finished: {len(rs)} of 13 epochs so far (best valid {best:.2f}); "
-                        "no test number yet.")
-        text.append("")
+            test, hours, vs = "not finished", "", ""
+        body.append([zaremba_label(first), f"`{run}`", len(rs), f"{best:.2f}", test, vs, hours])
+    text += [table(["run", "directory", "epochs", "best valid ppl", "test ppl",
+                    "test against the paper", "hours"], body)]
+    for T in sorted({T for _, T in tests}):
+        if ("bptt", T) in tests and ("dni", T) in tests:
+            text.append(f"\nAt T={T}: test perplexity {tests[('dni', T)]:.2f} with DNI, "
+                        f"{tests[('bptt', T)]:.2f} with plain TBPTT, a gain of "
+                        f"{gain(tests[('bptt', T)], tests[('dni', T)])} for DNI (one seed).")
+    epochs = sorted({int(r["epoch"]) for r in rows})
+    lr = {int(r["epoch"]): f"{float(r['lr']):g}" for r in rows}
+    valid = {(run, int(r["epoch"])): f"{float(r['valid']):.2f}" for run in order for r in runs[run]}
+    text += ["", "Validation perplexity after each epoch:", "",
+             table(["epoch", "lr"] + [zaremba_label(runs[run][0]) for run in order],
+                   [[e, lr[e]] + [valid.get((run, e), "") for run in order] for e in epochs]),
+             ""]
     return "\n".join(text)
 
 

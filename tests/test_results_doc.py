@@ -63,3 +63,31 @@ def test_run_csv_takes_each_epochs_rate_and_the_runs_test(tmp_path):
     assert [(r["epoch"], r["lr"], r["valid"], r["test"]) for r in rows] == [
         ("1", "20.0", "150.0", "130.04"), ("2", "10.0", "140.0", "130.04")]
     assert run_csv.main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_the_zaremba_section_puts_every_run_side_by_side(tmp_path, monkeypatch):
+    """zaremba-small.csv: one summary row per run (T=20 first, plain before DNI), an
+    epoch-by-run table with gaps where a run has not got that far, and the DNI-vs-plain
+    sentence only for a T where both runs finished."""
+    results = load_generator()
+    head = "recipe,method,T,seed,epoch,updates,tokens,lr,valid,test,metric,elapsed_s,run"
+    rows = [head]
+    for method, T, epochs, test, elapsed in (("dni", 5, 2, "", ""),
+                                             ("bptt", 20, 3, "113.5", "7200"),
+                                             ("bptt", 5, 3, "130.0", "3600")):
+        for e in range(1, epochs + 1):
+            rows.append(f"z,{method},{T},1,{e},{e},{e},{20 / e},{200 - e - (T == 5)},{test},"
+                        f"ppl,{elapsed},{method}-T{T}-s1")
+    (tmp_path / "zaremba-small.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    text = results.section_zaremba()
+    assert "| plain TBPTT T=20 | `bptt-T20-s1` | 3 | 197.00 | **113.50** | -0.9% | 2.0 |" in text
+    assert "| DNI T=5 | `dni-T5-s1` | 2 | 197.00 | not finished |  |  |" in text
+    assert text.index("bptt-T20-s1") < text.index("bptt-T5-s1") < text.index("dni-T5-s1")
+    assert "| epoch | lr | plain TBPTT T=20 | plain TBPTT T=5 | DNI T=5 |" in text
+    assert "| 3 | 6.66667 | 197.00 | 196.00 |  |" in text
+    assert "a gain of" not in text
+    rows = [r.replace(",,ppl,,dni", ",120.0,ppl,3600,dni") for r in rows]
+    (tmp_path / "zaremba-small.csv").write_text("\n".join(rows) + "\n")
+    text = results.section_zaremba()
+    assert "At T=5: test perplexity 120.00 with DNI, 130.00 with plain TBPTT, a gain of +7.7%" in text
