@@ -274,7 +274,8 @@ def section_zaremba():
             "    dni-rnn train ptb-word-zaremba-small --set dni.method=dni "
             "--set train.truncation=5 --set train.threads=1 --out runs/zaremba/dni-T5-s1",
             "    # and the same two with train.truncation=10, out runs/zaremba/*-T10-s1",
-            "    python experiments/run_csv.py runs/zaremba/*-s1 --out docs/results/" + name, "",
+            "    python experiments/run_csv.py runs/zaremba/*-s1 --out docs/results/" + name
+            + " --plot docs/figures/zaremba-small", "",
             f"The paper: {ZAREMBA['valid']} valid / {ZAREMBA['test']} test perplexity "
             "(TensorFlow's reproduction: 115.9 test). `ptb-word-small` (Adam, T=35, 6 epochs) "
             "is not that recipe: as shipped (DNI) it reached test 143.90 (docs/dni.md), and "
@@ -313,6 +314,7 @@ def section_zaremba():
              table(["epoch", "lr"] + [zaremba_label(runs[run][0]) for run in order],
                    [[e, lr[e]] + [valid.get((run, e), "") for run in order] for e in epochs]),
              ""]
+    text += figures("zaremba-small")
     return "\n".join(text)
 
 

@@ -1,16 +1,20 @@
 """One CSV row per validation of finished runs: the per-epoch record behind a docs table.
 
     python experiments/run_csv.py runs/zaremba/bptt-T20-s1 [RUN_DIR ...] \
-        --out docs/results/zaremba-small.csv
+        --out docs/results/zaremba-small.csv [--plot docs/figures/zaremba-small]
 
 Each row: the run's recipe, method, T and seed (from its config.json), the validation's
 epoch, updates, tokens, the learning rate its last updates used, and its metric; the run's test metric and wall time on
 every row (empty while the run has not finished). Reads metrics.jsonl and summary.json only.
+`--plot STEM` also draws the validation curves (`dni-rnn compare`'s plots, one line per
+method and T): STEM-valid_vs_tokens.png and STEM-valid_vs_updates.png.
 """
 import argparse
 import csv
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 FIELDS = ["recipe", "method", "T", "seed", "epoch", "updates", "tokens", "lr", "valid",
@@ -44,10 +48,33 @@ def rows(run_dir):
     return out
 
 
+def plot(table, stem):
+    """compare's two plots of the rows' validation curves; the paths written ([] without
+    matplotlib)."""
+    from dni_rnn import compare, tasks
+    metrics = {m.name: m for m in (tasks.PERPLEXITY, tasks.BITS_PER_CHAR, tasks.LENGTH_SOLVED)}
+    runs = {}
+    for r in table:
+        run = runs.setdefault(r["run"], {"method": r["method"], "T": r["T"], "curve": []})
+        run["curve"].append((r["tokens"], r["updates"], r["valid"]))
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        written = compare.plot(list(runs.values()), metrics[table[0]["metric"]], Path(tmp))
+        out = []
+        for path in written:
+            target = stem.parent / f"{stem.name}-{path.name}"
+            shutil.copyfile(path, target)
+            out.append(target)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--plot", metavar="STEM", help="also write STEM-valid_vs_tokens.png and "
+                   "STEM-valid_vs_updates.png")
     args = p.parse_args(argv)
     table = []
     for d in args.runs:
@@ -60,6 +87,10 @@ def main(argv=None):
         w.writeheader()
         w.writerows(table)
     print(f"wrote {args.out}: {len(table)} rows from {len(args.runs)} runs")
+    if args.plot and table:
+        written = plot(table, args.plot)
+        print("wrote " + ", ".join(map(str, written)) if written else
+              "run_csv: no plots (pip install matplotlib)")
     return 0
 
 

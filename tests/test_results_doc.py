@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -91,3 +93,17 @@ def test_the_zaremba_section_puts_every_run_side_by_side(tmp_path, monkeypatch):
     (tmp_path / "zaremba-small.csv").write_text("\n".join(rows) + "\n")
     text = results.section_zaremba()
     assert "At T=5: test perplexity 120.00 with DNI, 130.00 with plain TBPTT, a gain of +7.7%" in text
+
+
+def test_run_csv_plots_the_validation_curves(tmp_path):
+    """run_csv.py --plot STEM writes compare's two plots next to STEM."""
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("run_csv", ROOT / "experiments" / "run_csv.py")
+    run_csv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_csv)
+    table = [{"run": f"{m}-T5-s1", "method": m, "T": 5, "tokens": 100 * e, "updates": 10 * e,
+              "valid": 200.0 - e - (m == "dni"), "metric": "ppl"}
+             for m in ("bptt", "dni") for e in (1, 2, 3)]
+    written = run_csv.plot(table, tmp_path / "figs" / "z")
+    assert sorted(p.name for p in written) == ["z-valid_vs_tokens.png", "z-valid_vs_updates.png"]
+    assert all(p.parent == tmp_path / "figs" and p.stat().st_size > 1000 for p in written)
