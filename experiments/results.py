@@ -102,7 +102,8 @@ def section_words():
             "on 2 CPU cores, torch 2.13.0+cpu, one thread per run, two or three runs side by "
             "side, 2026-11-28 (setting `raw-cap-b0125` spells out the recipe's `[dni]` keys). "
             "Rows `raw-cap-b0125` and `plain` of `docs/results/dni-stability-cpu.csv`; T=7 "
-            "with seed 4 is a check on a truncation and seed that no doc named in advance.", ""]
+            "and T=20 with seed 4 are checks on truncations and a seed that no doc named in "
+            "advance (T=20 run on 2026-11-29).", ""]
     runs = word_runs(["dni-stability-cpu.csv"], "raw-cap-b0125")
     if runs:
         body, summary = word_table(runs)
