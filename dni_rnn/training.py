@@ -47,14 +47,17 @@ def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
         share = CoreShare()
         share.apply()
     world = distributed.from_env()  # one process alone, or this rank under torchrun
+    finished = False
     try:
         run = Run(cfg, out_dir, resume, data_dir, quiet, world)
         run.cores = share
-        return run.setup().train().cleanup()
+        summary = run.setup().train().cleanup()
+        finished = True
+        return summary
     finally:  # leave the process as we found it (train() also runs inside tests, sweeps)
         if share is not None:
             share.close()
-        world.close()
+        world.close(sync=finished)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
