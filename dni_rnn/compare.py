@@ -328,8 +328,9 @@ def write_tables(rows, metric, out, budget, seeds, unit="tokens"):
             w.writerow({"metric": metric.name, **{k: r.get(k, "") for k in keys}})
 
 
-def plot(runs, metric, out):
-    """Validation metric against tokens seen and against updates, one line per (method, T).
+def plot(runs, metric, out, prefix=""):
+    """Validation metric against tokens seen and against updates, one line per (method, T):
+    OUT/PREFIXvalid_vs_tokens.png and OUT/PREFIXvalid_vs_updates.png.
 
     Seeds are averaged point by point. Returns the written paths ([] without matplotlib).
     """
@@ -367,7 +368,7 @@ def plot(runs, metric, out):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(out / f"{prefix}{name}", dpi=110)
         plt.close(fig)
-        paths.append(out / name)
+        paths.append(out / f"{prefix}{name}")
     return paths

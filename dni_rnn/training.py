@@ -47,17 +47,16 @@ def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
         share = CoreShare()
         share.apply()
     world = distributed.from_env()  # one process alone, or this rank under torchrun
-    finished = False
     try:
         run = Run(cfg, out_dir, resume, data_dir, quiet, world)
         run.cores = share
         summary = run.setup().train().cleanup()
-        finished = True
+        world.close(sync=True)  # every rank finished: leave together
         return summary
     finally:  # leave the process as we found it (train() also runs inside tests, sweeps)
         if share is not None:
             share.close()
-        world.close(sync=finished)
+        world.close()  # after an error: no barrier a crashed peer would never reach
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 

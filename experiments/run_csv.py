@@ -12,9 +12,7 @@ method and T): STEM-valid_vs_tokens.png and STEM-valid_vs_updates.png.
 import argparse
 import csv
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 FIELDS = ["recipe", "method", "T", "seed", "epoch", "updates", "tokens", "lr", "valid",
@@ -52,21 +50,14 @@ def plot(table, stem):
     """compare's two plots of the rows' validation curves; the paths written ([] without
     matplotlib)."""
     from dni_rnn import compare, tasks
-    metrics = {m.name: m for m in (tasks.PERPLEXITY, tasks.BITS_PER_CHAR, tasks.LENGTH_SOLVED)}
     runs = {}
     for r in table:
         run = runs.setdefault(r["run"], {"method": r["method"], "T": r["T"], "curve": []})
         run["curve"].append((r["tokens"], r["updates"], r["valid"]))
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        written = compare.plot(list(runs.values()), metrics[table[0]["metric"]], Path(tmp))
-        out = []
-        for path in written:
-            target = stem.parent / f"{stem.name}-{path.name}"
-            shutil.copyfile(path, target)
-            out.append(target)
-    return out
+    return compare.plot(list(runs.values()), tasks.METRICS[table[0]["metric"]], stem.parent,
+                        prefix=f"{stem.name}-")
 
 
 def main(argv=None):
