@@ -2,7 +2,7 @@
 
     import dni_rnn as dni
 """
-from . import distributed, nest
+from . import distributed, nest, replay
 from .cells import CellLoop, LayerNormLSTMCell, MinimalGRUCell
 from .deferred import DeferredBackward, backward, defer_backward
 from .interfaces import BackwardInterface, BidirectionalInterface, ForwardInterface, TriggerStats

@@ -35,6 +35,7 @@ class TriggerStats:
         self.reference_dot = 0.0
         self.reference_sq = 0.0
         self.has_reference = False
+        self.gradients = None  # {tensor index: real gradient}, when make_trigger(keep=True)
 
     def add(self, message, target, gradient):
         self.squared_error = self.squared_error + (message - target).pow(2).sum()
@@ -90,9 +91,9 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
     trigger into the regression gradient for the message: d/dm sum((m - s*g)^2)/B."""
 
     @staticmethod
-    def forward(ctx, trigger, message, stats, scale, reference):
+    def forward(ctx, trigger, message, stats, scale, reference, index):
         ctx.save_for_backward(message)
-        ctx.stats, ctx.scale, ctx.reference = stats, scale, reference
+        ctx.stats, ctx.scale, ctx.reference, ctx.index = stats, scale, reference, index
         return trigger.view_as(trigger)
 
     @staticmethod
@@ -102,12 +103,14 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
         ctx.stats.add(message.detach(), target, grad)
         if ctx.reference is not None:
             ctx.stats.add_reference(ctx.reference, grad)
+        if ctx.stats.gradients is not None:
+            ctx.stats.gradients[ctx.index] = grad.detach()
         if isinstance(ctx.scale, (int, float)) and ctx.scale == 0:  # 0: measure only
             grad_message = torch.zeros_like(message)
         else:
             grad_message = 2.0 * (message - target) / ctx.stats.batch_size
         # the trigger is a fresh leaf: the real gradient stops here
-        return None, grad_message, None, None, None
+        return None, grad_message, None, None, None, None
 
 
 class BackwardInterface(nn.Module):
@@ -142,7 +145,7 @@ class BackwardInterface(nn.Module):
         self.target_scale = target_scale
         self.last_stats = None
 
-    def make_trigger(self, state, target_scale=None, reference=None):
+    def make_trigger(self, state, target_scale=None, reference=None, keep=False):
         """Mark `state` as a trigger: the real gradient that reaches it trains the synthesizer.
 
         The returned state is detached from `state`'s history (a fresh leaf that requires
@@ -155,6 +158,8 @@ class BackwardInterface(nn.Module):
             reference: optional estimate of the gradient at `state`, structured like it
                 (in gradient units): `last_stats` also scores it against the real gradient
                 (`reference_dot`, `reference_sq`).
+            keep: also keep the real gradient that reaches each tensor of the trigger
+                (`last_stats.gradients`, by position in `nest.flatten`), e.g. for replay.
         Returns:
             the trigger, structured like `state`. `self.last_stats` (a `TriggerStats`) is
             filled once the backward pass has reached it.
@@ -164,13 +169,15 @@ class BackwardInterface(nn.Module):
         tensors, messages = self._messages(state)
         scale = self._scale(target_scale)
         stats = TriggerStats(nest.batch_size(tensors[0], self.batch_dim))
+        if keep:
+            stats.gradients = {}
         refs = [None] * len(tensors)
         if reference is not None:
             refs = [r.detach() for r in
                     nest.check_same_structure(state, reference, "reference gradient")]
         outs = [
-            _SyntheticGradientUpdater.apply(t.detach().requires_grad_(), m, stats, scale, r)
-            for t, m, r in zip(tensors, messages, refs)
+            _SyntheticGradientUpdater.apply(t.detach().requires_grad_(), m, stats, scale, r, i)
+            for i, (t, m, r) in enumerate(zip(tensors, messages, refs))
         ]
         self.last_stats = stats
         return nest.unflatten(state, outs)

@@ -178,7 +178,7 @@ class Run:
             calibrate=cfg.dni.calibrate, aux_head=self.aux,
             aux_weight=cfg.dni.aux_weight if cfg.dni.method == "dni-aux" else 0.0,
             synth_optimizer=self.synth_optimizer, on_nonfinite=t.on_nonfinite,
-            sync=w.gradient_sync())
+            sync=w.gradient_sync(), replay=cfg.dni.replay, replay_chunks=cfg.dni.replay_chunks)
         if self.resume:
             ckpt.restore_run(self, self.run_dir / "last.pt")
         if w.main:  # rank 0 alone writes the run directory

@@ -19,6 +19,7 @@ import torch
 
 from . import deferred, nest
 from .interfaces import BackwardInterface
+from .replay import SynthReplay
 from .stability import (Calibration, DivergenceGuard, TargetRMS, cap_norm,
                         forget_optimizer_state, zero_output_)
 from .synthesizers import current_context, state_dim
@@ -149,13 +150,16 @@ class TBPTTRunner:
             restart the state, go on).
         sync: data parallel (`distributed.GradientSync`): after each backward, gradients
             are averaged and trigger statistics summed over the ranks; None: one process.
+        replay: extra synthesizer updates per chunk on minibatches of recent triggers and
+            the real gradients that reached them (`replay.SynthReplay`); 0: off.
+        replay_chunks: how many recent chunks the replay buffer holds.
     """
 
     def __init__(self, model, loss_fn, optimizer, truncation=35, synthesizer=None,
                  sg_scale=0.1, bootstrap=None, clip=0.25, synth_clip=None, warmup=0,
                  target_scale="rms", sg_cap=1.0, guard=True, calibrate=False, aux_head=None,
                  aux_weight=0.0, synth_optimizer=None, batch_dim=None, on_nonfinite="raise",
-                 sync=None):
+                 sync=None, replay=0, replay_chunks=32):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.sync = sync
         if sync is not None:  # a rank's trigger gradients are W x one process's
@@ -187,6 +191,8 @@ class TBPTTRunner:
         self.guard = DivergenceGuard() if guard and synthesizer is not None else None
         self.calibration = Calibration() if calibrate and synthesizer is not None else None
         self._reference = None  # the g_hat injected at the last chunk's end, before the gate
+        self.replay = SynthReplay(replay if synthesizer is not None else 0, replay_chunks,
+                                  batch_dim)
         self.recoveries = 0
         self.interface = BackwardInterface(synthesizer, batch_dim) if synthesizer is not None else None
         self.model_params = [p for p in model.parameters() if p.requires_grad]
@@ -246,6 +252,8 @@ class TBPTTRunner:
                 new_state = self._dni_chunk(inputs, targets, state, resets, future,
                                             next_resets, metrics)
             self._step()
+            if self.replay:
+                self._replay_steps(metrics.tokens)
         except NonFiniteLossError:
             if self.on_nonfinite == "raise":
                 raise
@@ -283,7 +291,8 @@ class TBPTTRunner:
                 reference = nest.unflatten(state, [r.to(t.device) for r, t in zip(refs, tensors)])
         gate = self.calibration.gate() if self.calibration is not None else 1.0
         with deferred.defer_backward():
-            trigger = self.interface.make_trigger(state, target_scale=scale, reference=reference)
+            trigger = self.interface.make_trigger(state, target_scale=scale, reference=reference,
+                                                  keep=bool(self.replay))
             outputs, new_state, first = self._forward(inputs, trigger, resets, split_first=self._aux_on())
             loss = self._loss(outputs, targets, metrics)
             deferred.backward(loss)
@@ -340,7 +349,28 @@ class TBPTTRunner:
                 if reason:
                     self._recover(reason, metrics)
         self._check_grad_norm(norm, metrics)
+        if self.replay and stats.gradients is not None:
+            tensors = nest.flatten(state)
+            grads = [stats.gradients.get(i, torch.zeros_like(t)) for i, t in enumerate(tensors)]
+            self.replay.add(state, nest.unflatten(state, grads))
         return new_state
+
+    def _replay_steps(self, tokens):
+        """`replay.steps` more synthesizer updates on recent triggers (nothing else moves:
+        every other gradient is None, so the optimizer leaves those parameters alone)."""
+        scale = self._scale(tokens)
+        if not self.replay.filled or self._is_zero(scale):
+            return
+        optimizer = self.synth_optimizer or self.optimizer
+        for _ in range(self.replay.steps):
+            for p in self.model_params + self.synth_params:
+                p.grad = None
+            self.replay.regression_loss(self.interface.synthesizer, scale).backward()
+            if self.sync is not None:
+                self.sync.after_backward(self.synth_params)
+            if self.synth_clip:
+                torch.nn.utils.clip_grad_norm_(self.synth_params, self.synth_clip)
+            optimizer.step()
 
     def _synchronize(self, stats=None, injected=None):
         """Data parallel: average gradients, sum trigger statistics and the injected norm
@@ -394,6 +424,7 @@ class TBPTTRunner:
             if opt is not None:
                 forget_optimizer_state(opt, self.synth_params)
         self.target_rms.reset()
+        self.replay.clear()  # its targets may be the runaway ones
         if self.calibration is not None:
             self.calibration.reset()
             self._reference = None
@@ -572,7 +603,8 @@ class TBPTTRunner:
                 "recoveries": self.recoveries,
                 "calibration": (self.calibration.state_dict()
                                 if self.calibration is not None else None),
-                "reference": self._reference}
+                "reference": self._reference,
+                "replay": self.replay.state_dict() if self.replay else None}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
@@ -588,6 +620,8 @@ class TBPTTRunner:
             if state.get("calibration") is not None:
                 self.calibration.load_state_dict(state["calibration"])
             self._reference = state.get("reference")
+        if self.replay and state.get("replay") is not None:
+            self.replay.load_state_dict(state["replay"])
 
 
 def _sum(tensors):

@@ -46,6 +46,7 @@ def _kill_at(monkeypatch, step):
     ("ptb-word-small-smoke", TINY_LM),
     ("copy-smoke", TINY_COPY),
     ("repeat-copy-smoke", TINY_COPY),
+    ("copy-smoke", TINY_COPY + ["dni.replay=2", "dni.replay_chunks=3"]),
 ])
 def test_resume_after_a_kill_is_bit_exact(recipe, overrides, ptb_dir, tmp_path, monkeypatch):
     data = str(ptb_dir.parent)

@@ -1,0 +1,76 @@
+"""Does the synthesizer predict? One CSV row per finished run: its result beside the mean
+diagnosed cosine of the synthetic gradient with the true future gradient over the second
+half of training (issue 19's measure; runs trained with `--set train.diagnose_every=N`).
+
+    python experiments/cosine_csv.py runs/try/* --out docs/results/synth-predicts.csv
+
+Columns: the run's setting (recipe, method, T, seed, model lr, the synthesizer's own lr,
+beta, lambda, replay), its best validation metric, updates and wall time; cos_k1 / cos_k2
+(the mean over diagnosed boundaries of the second half, with their count n_k1), cos_target
+(the runner's cosine with its own regression target, same half) and the norm ratio
+|g^| / |g_1|; the guard's recoveries.
+"""
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
+          "metric", "best", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target", "norm_ratio_k1",
+          "recoveries", "elapsed_s", "run"]
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.mean(values), 4) if values else ""
+
+
+def row(run_dir):
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    updates = max((r.get("step", 0) for r in recs), default=0)
+    late = [r for r in recs if r.get("step", 0) > updates / 2]
+    diag = [r for r in late if r.get("kind") == "diagnose"]
+    train = [r for r in late if r.get("kind") == "train"]
+    metric = summary.get("metric", "")
+    best = summary.get(f"best_{metric}", summary.get(f"best_valid_{metric}", ""))
+    d = cfg["dni"]
+    return {"recipe": cfg["recipe"], "method": d["method"], "T": cfg["train"]["truncation"],
+            "seed": cfg["train"]["seed"], "lr": cfg["optim"]["lr"], "synth_lr": d["synth_lr"],
+            "beta": d["sg_scale"], "lambda": d["bootstrap"] if d["bootstrap"] is not None else
+            d["sg_scale"], "replay": d.get("replay", 0), "metric": metric,
+            "best": round(best, 4) if isinstance(best, float) else best, "updates": updates,
+            "cos_k1": _mean([r.get("cos_k1") for r in diag]),
+            "n_k1": sum("cos_k1" in r for r in diag),
+            "cos_k2": _mean([r.get("cos_k2") for r in diag]),
+            "cos_target": _mean([r.get("cosine") for r in train]),
+            "norm_ratio_k1": _mean([r["synthetic_norm"] / r["true_norm_k1"] for r in diag
+                                    if r.get("true_norm_k1")]),
+            "recoveries": sum(r.get("kind") == "recovery" for r in recs),
+            "elapsed_s": round(summary.get("elapsed_s", 0.0), 1), "run": run_dir.name}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="CSV to write")
+    args = p.parse_args(argv)
+    done = [d for d in args.runs if (Path(d) / "summary.json").is_file()]
+    left = sorted(set(args.runs) - set(done))
+    if left:
+        print(f"cosine_csv: left out (not finished): {', '.join(left)}", file=sys.stderr)
+    table = [row(d) for d in sorted(done)]
+    with open(args.out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(table)
+    print(f"wrote {args.out}: {len(table)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The synthesizer's replay (dni.replay): what it keeps, what it moves, its loss."""
+import pytest
+import torch
+
+import dni_rnn as dni
+from dni_rnn.config import ConfigError, load_recipe
+from helpers import BiasSynthesizer, chunk_loss, make_problem
+
+EXACT = dict(target_scale="raw", sg_cap=None, guard=False, calibrate=False, clip=None)
+
+
+def runner_for(replay, lr=0.1, synth=None, optimizer=torch.optim.SGD, **kw):
+    model, x, y, state = make_problem(n_steps=12)
+    synth = synth or dni.StateSynthesizer.mlp(dni.state_dim(state), n_hidden=1).double()
+    opt = optimizer(list(model.parameters()) + list(synth.parameters()), lr=lr)
+    runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=4, synthesizer=synth,
+                             sg_scale=0.1, replay=replay, **{**EXACT, **kw})
+    return runner, model, synth, x, y, state
+
+
+def test_the_buffer_holds_the_triggers_and_the_real_gradients_that_reached_them():
+    """After a chunk, the buffer holds the state that entered it and the gradient that
+    reached it: dL_k/ds_k + beta J_k^T g_hat_{k+1}, the synthesizer's own target."""
+    _, _, _, state = make_problem(n_steps=12)
+    synth = BiasSynthesizer(state)
+    g_hat = [p.detach().clone() for p in synth.biases]  # the message, before any step
+    runner, _, _, x, y, state = runner_for(2, synth=synth)
+    runner.train_chunk(x[:4], y[:4], state)
+    reference, _, _, _ = make_problem(n_steps=12)  # the same model, before its step
+    leaf = tuple(t.clone().requires_grad_() for t in state)
+    out, s1 = reference(x[:4], leaf)
+    objective = chunk_loss(out, y[:4]) + 0.1 * sum((g * s).sum() for g, s in zip(g_hat, s1))
+    expected = torch.autograd.grad(objective, leaf)
+    buffer = runner.replay
+    assert buffer.filled == 1 and buffer.width == 3
+    for kept, s in zip(buffer.states, state):
+        assert torch.equal(kept[:, :3], s)
+    for kept, e in zip(buffer.grads, expected):
+        torch.testing.assert_close(kept[:, :3], e, rtol=1e-12, atol=1e-15)
+
+
+def test_replay_moves_only_the_synthesizer():
+    """With one optimizer over model and synthesizer, the replayed updates leave the model
+    exactly where the chunk's own update put it; the synthesizer moves on."""
+    results = []
+    for replay in (0, 3):
+        runner, model, synth, x, y, state = runner_for(replay, optimizer=torch.optim.Adam)
+        runner.train_chunk(x[:4], y[:4], state)
+        results.append(([p.detach().clone() for p in model.parameters()],
+                         [p.detach().clone() for p in synth.parameters()]))
+    (model0, synth0), (model3, synth3) = results
+    for a, b in zip(model0, model3):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(synth0, synth3))
+
+
+def test_replayed_loss_is_the_regression_loss_at_a_trigger():
+    """A replayed minibatch is scored as at a trigger: sum((M(s) - scale g)^2) / streams."""
+    buffer = dni.replay.SynthReplay(steps=1, chunks=4)
+    g = torch.Generator().manual_seed(0)
+    state = (torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
+             torch.randn(2, 3, 4, generator=g, dtype=torch.float64))
+    grad = tuple(torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    for _ in range(2):
+        buffer.add(state, grad)
+    synth = dni.StateSynthesizer.mlp(dni.state_dim(state), n_hidden=0).double()
+    with torch.no_grad():
+        synth.synthesizer.input_trigger.weight.normal_()
+    torch.manual_seed(5)
+    loss = buffer.regression_loss(synth, 2.0)
+    torch.manual_seed(5)
+    s, gr = buffer.sample()
+    expected = sum((m - 2.0 * t).pow(2).sum() for m, t in zip(synth(s), gr)) / 3
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    # every sampled stream is one that was added: each h row equals one of the kept rows
+    rows = {tuple(state[0][:, b].flatten().tolist()) for b in range(3)}
+    assert all(tuple(s[0][:, b].flatten().tolist()) in rows for b in range(3))
+
+
+def test_the_ring_keeps_the_last_chunks_and_samples_only_what_it_holds():
+    buffer = dni.replay.SynthReplay(steps=1, chunks=3)
+    for k in range(5):
+        t = torch.full((1, 2, 1), float(k))
+        buffer.add((t,), (t,))
+    assert buffer.filled == 3
+    assert sorted(set(buffer.states[0].flatten().tolist())) == [2.0, 3.0, 4.0]
+    fresh = dni.replay.SynthReplay(steps=1, chunks=8)
+    fresh.add((torch.ones(1, 2, 1),), (torch.ones(1, 2, 1),))
+    for _ in range(20):  # the empty slots (zeros) are never drawn
+        states, _ = fresh.sample()
+        assert torch.equal(states[0], torch.ones(1, 2, 1))
+    fresh.add((torch.ones(1, 5, 1),), (torch.ones(1, 5, 1),))  # another width: starts again
+    assert fresh.filled == 1 and fresh.width == 5
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    outs = []
+    for cut in (False, True):
+        runner, model, synth, x, y, state = runner_for(2)
+        torch.manual_seed(0)
+        state, _ = runner.train_chunk(x[:4], y[:4], state)
+        if cut:
+            saved = runner.state_dict()
+            rng = torch.get_rng_state()
+            runner.replay.clear()
+            runner.load_state_dict(saved)
+            torch.set_rng_state(rng)
+        runner.train_chunk(x[4:8], y[4:8], state)
+        outs.append([p.detach().clone() for p in synth.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_config_refuses_a_negative_replay():
+    with pytest.raises(ConfigError, match="dni.replay"):
+        load_recipe("copy-smoke", ["dni.replay=-1"])
+    with pytest.raises(ValueError, match="replay"):
+        dni.replay.SynthReplay(steps=1, chunks=0)
