@@ -18,7 +18,7 @@ setup(
     "(Decoupled Neural Interfaces)",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=["dni_rnn", "corpora", "recipes"],
+    packages=["dni_rnn", "dni_rnn.app", "corpora", "recipes"],
     package_data={"recipes": ["*.toml"]},
     python_requires=">=3.10",
     install_requires=[
@@ -29,5 +29,5 @@ setup(
         "tomli>=2; python_version<'3.11'",
     ],
     extras_require=extras,
-    entry_points={"console_scripts": ["dni-rnn=dni_rnn.cli:main"]},
+    entry_points={"console_scripts": ["dni-rnn=dni_rnn.app.cli:main"]},
 )

@@ -30,13 +30,11 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import dni_rnn as dni  # noqa: E402
+import dni_rnn as dni  # the installed package (pip install -e .)
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,10 @@ import contextlib
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import dni_rnn as dni  # noqa: E402
+import dni_rnn as dni  # the installed package (pip install -e .)
 from dni_rnn import deferred  # noqa: E402
 from bench_tbptt import (MODELS, keep_malloc, lm_loss_for, make_data, make_model,  # noqa: E402
                          make_optimizer, make_synth, malloc_note)

@@ -1,6 +1,6 @@
 """`python -m dni_rnn ...` is the `dni-rnn` command."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

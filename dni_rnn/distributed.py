@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from . import nest
-from .config import ConfigError
+from .errors import ConfigError
 
 # torchrun sets these for every worker (torch.distributed.run)
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

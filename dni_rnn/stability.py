@@ -2,7 +2,7 @@
 
 The synthesizer's bootstrapped target `dL_k/ds_k + lambda * J_k^T g_hat_{k+1}` contains
 its own output, so it can feed on itself whenever `lambda * J` amplifies, as TD learning
-without a discount can (DESIGN.md, "Stability and benefit"). Three pieces, each off-able
+without a discount can (docs/dni.md, "The problem"). Three pieces, each off-able
 and each measured in docs/dni.md:
 
 - `TargetRMS`: a running RMS of the real gradients that reach the triggers. With

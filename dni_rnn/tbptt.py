@@ -10,7 +10,7 @@ One chunk k covers steps [a, b) of a time-major stream:
 
 lambda == beta comes free with the one backward pass; any other lambda adds
 (lambda - beta) * J_k^T g_hat_{k+1} at the trigger, computed by a second vector-Jacobian
-product through the recurrent core only (DESIGN.md, "Cost").
+product through the recurrent core only (docs/design.md, "One chunk with DNI").
 """
 import math
 from dataclasses import dataclass, asdict
@@ -120,10 +120,10 @@ class TBPTTRunner:
             (e.g. `StateSynthesizer.mlp(state_dim(state))`); None: plain TBPTT.
         sg_scale: beta, the weight of the synthetic gradient injected at each chunk end.
         bootstrap: lambda in [0, 1], the weight of J^T g_hat in the synthesizer's target;
-            None: equal to `sg_scale` (free). Defaults are the stable setting of DESIGN.md.
+            None: equal to `sg_scale` (free). Defaults are the stable setting of docs/dni.md.
         clip: max gradient norm of the model's parameters (None: no clip).
         synth_clip: max gradient norm of the synthesizer's parameters, clipped separately
-            (a shared clip measurably hurts; DESIGN.md, "Stability and benefit").
+            (a shared clip measurably hurts; docs/dni.md).
         warmup: optimizer steps during which the synthesizer trains but nothing is injected.
         target_scale: units of the synthesizer's targets: "rms" (divided by the running RMS
             of the real gradients at the triggers: O(1) on any task), "raw" (gradients of

@@ -11,7 +11,7 @@ backward pass (a node that is the identity on `outputs` and the outgoing state a
 backward, adds `sg_scale * g_hat` to the state's gradient once, whichever of them the loss
 uses: the outputs, the final hidden state as a classifier would, or both).
 
-This is the exact DNI of DESIGN.md, without the runner's stability mechanisms (targets in
+This is the exact DNI of docs/design.md ("One chunk with DNI"), without the runner's stability mechanisms (targets in
 running-RMS units, the cap, the guard; docs/dni.md): with raw targets it can diverge. The bootstrap weight is therefore
 `sg_scale` (one pass); use `TBPTTRunner` for a separate lambda, resets and metrics.
 """

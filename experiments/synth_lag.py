@@ -12,12 +12,10 @@ synthesizer stays right.
 """
 import argparse
 import copy
-import sys
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-import synth_ceiling as sc  # noqa: E402
+import synth_ceiling as sc  # this folder (the script's own) is on sys.path
 from dni_rnn.config import load_recipe, validate  # noqa: E402
 from dni_rnn.run import Run  # noqa: E402
 

@@ -95,3 +95,25 @@ def run_records(run_dir, kind="train"):
             r.pop("tokens_per_s", None)
             out.append(r)
     return out
+
+
+# the stability mechanisms off: targets in gradient units, no cap, no guard (the exact DNI)
+EXACT = dict(target_scale="raw", sg_cap=None, guard=False, calibrate=False)
+
+
+class RecordingOptimizer(torch.optim.Optimizer):
+    """Changes nothing; sums the gradients it is asked to apply (to compare with BPTT)."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.total = None
+
+    def step(self, closure=None):
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                 for g in self.param_groups for p in g["params"]]
+        self.total = grads if self.total is None else [a + b for a, b in zip(self.total, grads)]
+
+
+# every recipe's smoke variant (tests that run each of them)
+SMOKE = ["ptb-word-small-smoke", "ptb-word-medium-smoke", "ptb-char-smoke", "copy-smoke",
+         "repeat-copy-smoke"]

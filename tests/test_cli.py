@@ -10,8 +10,7 @@ import pytest
 from conftest import REPO, shared_data_root
 from dni_rnn.cli import main
 
-SMOKE = ["ptb-word-small-smoke", "ptb-word-medium-smoke", "ptb-char-smoke", "copy-smoke",
-         "repeat-copy-smoke"]
+from helpers import SMOKE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -232,7 +232,7 @@ def test_wikitext_2_smoke_on_local_files(wikitext_dir, tmp_path):
 
 
 def test_every_smoke_recipe_runs_somewhere():
-    from test_cli import SMOKE
+    from helpers import SMOKE
 
     smoke = {n for n in C.shipped_recipes() if n.endswith("-smoke")}
     # wikitext-2-smoke runs just above, the Zaremba one in test_training (plain TBPTT)

@@ -10,7 +10,7 @@ import dni_rnn as dni
 from dni_rnn.stability import (Calibration, DivergenceGuard, TargetRMS, cap_norm,
                                per_example_norm)
 from helpers import BiasSynthesizer, OracleSynthesizer, chunk_loss, full_bptt, make_problem
-from test_tbptt import EXACT, RecordingOptimizer
+from helpers import EXACT, RecordingOptimizer
 
 
 def test_cap_leaves_examples_within_the_bound_bit_for_bit():

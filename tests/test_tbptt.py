@@ -5,24 +5,8 @@ import torch
 from torch import nn
 
 import dni_rnn as dni
-from helpers import BiasSynthesizer, OracleSynthesizer, chunk_loss, full_bptt, make_problem
-
-# the stability mechanisms off: targets in gradient units, no cap, no guard (the exact DNI)
-EXACT = dict(target_scale="raw", sg_cap=None, guard=False, calibrate=False)
-
-
-class RecordingOptimizer(torch.optim.Optimizer):
-    """Changes nothing; sums the gradients it is asked to apply (to compare with BPTT)."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.total = None
-
-    def step(self, closure=None):
-        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                 for g in self.param_groups for p in g["params"]]
-        self.total = grads if self.total is None else [a + b for a, b in zip(self.total, grads)]
-
+from helpers import (EXACT, BiasSynthesizer, OracleSynthesizer, RecordingOptimizer, chunk_loss,
+                     full_bptt, make_problem)
 
 def lm_loss(logits, targets):
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

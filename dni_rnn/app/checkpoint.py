@@ -1,0 +1,278 @@
+"""Checkpoints: plain dicts of tensors and plain values, written atomically.
+
+    {"format": "dni_rnn-checkpoint", "version": 1,
+     "config":   Config.to_dict()            plain str/int/float/bool/None
+     "model", "synthesizer", "aux_head":     state_dicts (None where absent)
+     "optimizer", "synth_optimizer":         state_dicts (None where absent)
+     "runner":   TBPTTRunner.state_dict()    the step count (the run's only one), the
+                                             truncation schedule's generator, beta in
+                                             force, target RMS, guard
+     "vocab":    Vocabulary.state_dict()     (None for synthetic tasks)
+     "task":     the task's own state        (curriculum, data generator)
+     "progress": epoch, position in the stream, tokens seen, best score, ...
+     "hidden":   the carried recurrent state (nested tuple of tensors) or None; under
+                 data parallelism every rank's streams, gathered in rank order (B columns)
+     "stream":   how the current synthetic block was drawn, or None
+     "rng":      torch / CUDA / python / numpy generator states (python's as lists)
+     "world_size": processes that trained it (1 alone); "rng_ranks": each rank's "rng"
+                 (None alone): a resume needs the same number of processes}
+
+Everything is loadable with `torch.load(weights_only=True)`: no pickled classes.
+Writes go to a temporary file in the same folder, are fsync'ed, then os.replace'd over
+the target, so a kill during a write leaves the old file (or none), never a broken one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import random
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corpora import CorpusError, Vocabulary
+from corpora.paths import atomic_write  # one atomic write for corpora caches and checkpoints
+
+from .. import nest
+
+FORMAT = "dni_rnn-checkpoint"
+VERSION = 1
+# config sections whose differences make a checkpoint a different model or data stream
+IDENTITY_SECTIONS = ("data", "task", "model", "dni")
+IDENTITY_EXEMPT = {"data.data_dir", "data.eval_batch_size", "data.valid_tokens",
+                   "data.test_tokens", "task.eval_sequences"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or belongs to another run; one-line message."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+def save(obj, path):
+    """Write `obj` (a plain dict) to `path` atomically: temp file + fsync + os.replace."""
+    path = Path(path)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    atomic_write(path, write)
+    _fsync_dir(path.parent)
+
+
+def link(src, dst):
+    """Make `dst` the same file as the checkpoint `src`, atomically (a hard link; a copy
+    where the file system has none). best.pt and last.pt of one step share their bytes."""
+    src, dst = Path(src), Path(dst)
+
+    def make(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+    atomic_write(dst, make)
+    _fsync_dir(dst.parent)
+
+
+def _fsync_dir(folder):
+    """Make a rename in `folder` itself durable (where the platform allows it)."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load(path, map_location="cpu"):
+    """Read a checkpoint with `weights_only=True`.
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt, or not a dni_rnn checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable "
+                              f"({type(e).__name__}: {first[:160]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dni_rnn checkpoint")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {obj.get('version')}, "
+                              f"this dni_rnn reads version {VERSION}")
+    return obj
+
+
+def find(run_dir_or_file, prefer=("best.pt", "last.pt")):
+    """A checkpoint file: the path itself, or the first of `prefer` inside a run directory."""
+    p = Path(run_dir_or_file)
+    if p.is_dir():
+        for name in prefer:
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"no checkpoint ({' or '.join(prefer)}) in {p}")
+    if not p.exists():
+        raise CheckpointError(f"no such run directory or checkpoint: {p}")
+    return p
+
+
+# ---- what must match ---------------------------------------------------------------------
+
+def _flat(config):
+    return {f"{s}.{k}": v for s in IDENTITY_SECTIONS for k, v in config.get(s, {}).items()}
+
+
+def check_compatible(saved_config, config, path):
+    """Refuse a checkpoint of another recipe, model, task or DNI setting.
+
+    Args:
+        saved_config: the checkpoint's `config` (a plain dict).
+        config: this run's `Config.to_dict()`.
+        path: the checkpoint (for the message).
+    Raises:
+        CheckpointError naming the first differing key.
+    """
+    if saved_config.get("recipe") != config.get("recipe"):
+        raise CheckpointError(f"checkpoint {path} is from recipe {saved_config.get('recipe')!r}, "
+                              f"not {config.get('recipe')!r}; use another --out")
+    old, new = _flat(saved_config), _flat(config)
+    diffs = [k for k in sorted(set(old) | set(new))
+             if k not in IDENTITY_EXEMPT and old.get(k) != new.get(k)]
+    if diffs:
+        k = diffs[0]
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise CheckpointError(f"checkpoint {path} was trained with {k}={old.get(k)!r}, this "
+                              f"config has {new.get(k)!r}{more}; refusing to mix them "
+                              "(use another --out)")
+
+
+def check_vocab(saved_vocab, vocab, path):
+    """Refuse a checkpoint whose vocabulary differs from the corpus's."""
+    if saved_vocab is None and vocab is None:
+        return
+    if saved_vocab is None or vocab is None:
+        raise CheckpointError(f"checkpoint {path}: vocabulary present on one side only")
+
+    try:
+        vocab.check_same(Vocabulary.from_state_dict(saved_vocab), what="checkpoint")
+    except CorpusError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+
+
+# ---- random number generators -------------------------------------------------------------
+
+def rng_state():
+    """Every global generator's state, as tensors and plain lists."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "python": [version, list(internal), gauss],
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def set_rng_state(state):
+    """Restore `rng_state()`."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("numpy") is not None:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---- a training run ------------------------------------------------------------------------
+
+def _state_dict(module):
+    return module.state_dict() if module is not None else None
+
+
+def run_state(run):
+    """A `run.Run` as a checkpoint: plain dicts of tensors and values. Under data
+    parallelism every rank must call it (the carried states and generators are gathered)."""
+    world = run.world
+    runner = run.runner.state_dict()
+    if world.distributed and runner.get("reference") is not None:
+        # per-stream state of the runner (the calibration gate's last g_hat): gathered
+        # like the carried state; every rank agrees on whether there is one
+        runner["reference"] = world.gather_state(runner["reference"], run.runner.batch_dim)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "config": run.cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "synthesizer": _state_dict(run.synth),
+        "aux_head": _state_dict(run.aux),
+        "optimizer": run.optimizer.state_dict(),
+        "synth_optimizer": _state_dict(run.synth_optimizer),
+        "runner": runner,
+        "vocab": run.task.vocab.state_dict() if run.task.vocab is not None else None,
+        "task": run.task.state_dict(),
+        "progress": dataclasses.asdict(run.progress),
+        "hidden": world.gather_state(run.state, run.runner.batch_dim),
+        "stream": run.task.stream_state() if run.stream is not None else None,
+        "rng": rng_state(),
+        "world_size": world.size,
+        "rng_ranks": world.gather_objects(rng_state()) if world.distributed else None,
+    }
+
+
+def check_world_size(saved, size, path):
+    """A run resumes with the number of processes that wrote its checkpoint."""
+    if saved != size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved} process{'es' if saved > 1 else ''}, "
+            f"this run has {size}; resume with {saved} (torchrun --nproc_per_node x --nnodes "
+            f"= {saved}{', or without torchrun' if saved == 1 else ''}), or start a new run "
+            "with another --out")
+
+
+def restore_run(run, path):
+    """Load `path` into a set-up `run.Run` (its modules built, nothing trained)."""
+    world = run.world
+    # on the CPU: generator states must stay CPU ByteTensors; rank 0 reads, all receive
+    c = world.on_main(lambda: load(path))
+    check_world_size(int(c.get("world_size", 1)), world.size, path)
+    check_compatible(c["config"], run.cfg.to_dict(), path)
+    check_vocab(c["vocab"], run.task.vocab, path)
+    try:
+        run.model.load_state_dict(c["model"])
+        for module, key in ((run.synth, "synthesizer"), (run.aux, "aux_head"),
+                            (run.optimizer, "optimizer"),
+                            (run.synth_optimizer, "synth_optimizer")):
+            if module is not None:
+                module.load_state_dict(c[key])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first[:200]})") \
+            from None
+    runner = dict(c["runner"])
+    if runner.get("reference") is not None:  # this rank's streams of a per-stream tensor
+        runner["reference"] = world.local_state(runner["reference"], run.runner.batch_dim)
+    run.runner.load_state_dict(runner)
+    run.task.load_state_dict(c["task"])
+    progress = dict(c["progress"])
+    progress.pop("step", None)  # checkpoints before the runner's counter was the only one
+    run.progress = type(run.progress)(**progress)
+    run.state = run.stream = None
+    if c["hidden"] is not None:
+        hidden = world.local_state(c["hidden"], run.runner.batch_dim)  # this rank's columns
+        run.state = nest.map_state(lambda t: t.to(run.device), hidden)
+        run.stream = run.task.load_stream_state(c["stream"], run.device)
+    set_rng_state(c["rng_ranks"][world.rank] if c.get("rng_ranks") else c["rng"])

@@ -1,0 +1,252 @@
+"""`dni-rnn` on the command line: train, evaluate, compare, recipes.
+
+    dni-rnn train [RECIPE] [--set section.key=value ...] [--data-dir D] [--out RUN_DIR] [--resume]
+    torchrun --nproc_per_node=N -m dni_rnn train RECIPE ...   (data parallel, distributed.py)
+    dni-rnn demo [--set section.key=value ...] [--out DIR]
+    dni-rnn evaluate RUN_DIR_OR_CHECKPOINT [--split test] [--data-dir D]
+    dni-rnn diagnose RUN_DIR [--horizons 1,2,4,8] [--boundaries 16] [--split valid]
+    dni-rnn compare RECIPE --truncations 2,3,5 --methods bptt,dni [--budget-tokens N]
+                    [--seeds 1,2] [--jobs N] [--out DIR]
+    dni-rnn recipes
+
+RECIPE is a shipped recipe's name (`dni-rnn recipes`) or a path to a TOML file. `demo`
+(also `train` without a recipe) trains the `demo` recipe twice, with plain TBPTT and with
+DNI at the same short T, and says which learned the longer dependency.
+
+Problems a user can fix (a bad recipe, key or value, missing data, a corrupt or foreign
+checkpoint, an unwritable directory) end the program with one line on stderr and exit
+status 2; no traceback. Under torchrun rank 0 alone prints it (every rank stops alike).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+PROG = "dni-rnn"
+DEMO_RECIPE = "demo"
+
+
+def _user_errors():
+    from corpora import CorpusError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from ..tbptt import NonFiniteLossError
+    return (ConfigError, CheckpointError, CorpusError, NonFiniteLossError)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog=PROG, description="Truncated BPTT with synthetic "
+                                "gradients (DNI): train, evaluate and compare recurrent networks.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def common(q):
+        q.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+        q.add_argument("--data-dir", help="folder holding the corpus files (e.g. shared/data "
+                       "with ptb/ inside); default $DNI_RNN_DATA_DIR, the cache, or a download")
+
+    t = sub.add_parser("train", help="train one recipe (no recipe: the copy-task demo)")
+    t.add_argument("recipe", nargs="?", default=None,
+                   help="shipped recipe name or .toml path (default: the demo)")
+    common(t)
+    t.add_argument("--out", help="run directory (default runs/<recipe>-<method>-T<T>-s<seed>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="the copy-task demo: plain TBPTT and DNI at the same T")
+    common(d)
+    d.add_argument("--out", help="output directory (default runs/demo)")
+    d.add_argument("--resume", action="store_true", help="continue the demo's runs in --out")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("evaluate", help="evaluate a run's best checkpoint on a split")
+    e.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    e.add_argument("--split", default="test", choices=("valid", "test"))
+    e.add_argument("--data-dir", help="folder holding the corpus files")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser("diagnose", help="synthetic against true future gradients of a saved run")
+    g.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    g.add_argument("--horizons", default="1,2,4,8", help="future chunks K to compare against")
+    g.add_argument("--boundaries", type=int, default=16, help="chunk boundaries averaged over")
+    g.add_argument("--split", default="valid", choices=("valid", "test"))
+    g.add_argument("--data-dir", help="folder holding the corpus files")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.set_defaults(func=cmd_diagnose)
+
+    c = sub.add_parser("compare", help="sweep truncation lengths x methods on one token budget")
+    c.add_argument("recipe")
+    c.add_argument("--truncations", default="2,3,4,5,8", help="comma-separated T values")
+    c.add_argument("--methods", default="bptt,dni", help="comma-separated: bptt, dni, dni-aux")
+    c.add_argument("--seeds", default="1", help="comma-separated seeds")
+    c.add_argument("--budget-tokens", type=int, default=0,
+                   help="training tokens per run (default: the recipe's train.max_tokens)")
+    c.add_argument("--budget-updates", type=int, default=0,
+                   help="updates per run instead of tokens (the copy tasks: same updates at each T)")
+    c.add_argument("--points", type=int, default=10, help="validations per run")
+    c.add_argument("--jobs", type=int, default=0, help="runs trained at once, each with cores / "
+                   "jobs torch threads (default 0: one per core, at most the runs left)")
+    c.add_argument("--out", help="output directory (default runs/compare-<recipe>)")
+    c.add_argument("--report", action="store_true", help="train nothing: tables, CSV and plots "
+                   "of the runs finished so far in --out")
+    common(c)
+    c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv=None):
+    """Entry point of the `dni-rnn` console script and `python -m dni_rnn`."""
+    args = build_parser().parse_args(argv)
+    try:
+        errors = _user_errors()
+    except ImportError as e:  # pragma: no cover
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except errors as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `dni-rnn recipes | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except PermissionError as e:
+        print(f"{PROG}: error: permission denied: {e.filename or e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"{PROG}: error:{where} {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+def cmd_train(args):
+    from .config import load_recipe
+    from .training import train
+
+    if args.recipe is None:  # `dni-rnn train` alone: the demo, the README's first command
+        return cmd_demo(args)
+    cfg = load_recipe(args.recipe, args.overrides)
+    train(cfg, out_dir=args.out, resume=args.resume, data_dir=args.data_dir)
+    return 0
+
+
+def cmd_evaluate(args):
+    from .training import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.path, split=args.split, data_dir=args.data_dir,
+                            device=args.device)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    text = r["text"]
+    print(f"{r['recipe']} {r['split']}: {text} | {r['checkpoint']} at step {r['step']}")
+    return 0
+
+
+def cmd_diagnose(args):
+    from .config import ConfigError, parse_horizons
+    from ..diagnostics import format_report, plot
+    from .training import diagnose_checkpoint
+
+    horizons = parse_horizons(args.horizons, "--horizons")
+    if args.boundaries < 1:
+        raise ConfigError(f"--boundaries must be >= 1, got {args.boundaries}")
+    r = diagnose_checkpoint(args.path, horizons, args.boundaries, args.split, args.data_dir,
+                            args.device)
+    run_dir = Path(r["checkpoint"]).parent
+    (run_dir / "diagnose.json").write_text(json.dumps(r, indent=2) + "\n")
+    picture = plot(run_dir, r, horizons)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['checkpoint']} (step {r['step']}), {r['boundaries']} boundaries of the "
+          f"{r['split']} stream, T={r['T']}: synthetic gradient g^ against the true future "
+          "gradient g_K through the next K chunks (plain TBPTT's 0: cosine 0, rel err 1)")
+    for line in format_report(r, horizons):
+        print(line)
+    print(f"wrote {run_dir / 'diagnose.json'}" + (f" and {picture}" if picture else ""))
+    return 0
+
+
+def cmd_compare(args):
+    from .compare import parse_list, sweep
+    from .config import ConfigError, load_recipe
+    from ..distributed import launched
+
+    if launched():
+        raise ConfigError("compare runs its own processes (--jobs); start it without torchrun")
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    out = args.out or str(Path("runs") / f"compare-{cfg.recipe}")
+    sweep(cfg, parse_list(args.truncations, int, "--truncations"),
+          parse_list(args.methods, str, "--methods"), parse_list(args.seeds, int, "--seeds"),
+          args.budget_tokens, out, data_dir=args.data_dir, points=args.points, jobs=args.jobs,
+          budget_updates=args.budget_updates, report=args.report)
+    print((Path(out) / "results.md").read_text(), end="")
+    return 0
+
+
+def cmd_recipes(args):
+    from .config import describe_recipe, shipped_recipes
+
+    known = shipped_recipes()
+    width = max(len(n) for n in known)
+    for name, path in known.items():
+        print(f"{name:<{width}}  {describe_recipe(path)}")
+    return 0
+
+
+def cmd_demo(args):
+    """Copy task, plain TBPTT then DNI at the same T: who learns the longer dependency?"""
+    from .config import load_recipe
+    from .run import format_summary
+    from .training import train
+
+    cfg = load_recipe(DEMO_RECIPE, args.overrides)
+    out = Path(args.out or "runs/demo")
+    T = cfg.train.truncation
+    N = cfg.task.start_length
+    print(f"demo: the copy task (Graves et al. 2014), {cfg.task.bits}-bit patterns, truncation "
+          f"T={T}. An episode shows N patterns and a delimiter, then asks for the patterns "
+          f"back: each answer comes N+1 steps after its pattern, so from N+1 >= T on plain "
+          f"TBPTT gets no gradient for storing it, while DNI's synthesizer predicts one. The "
+          f"curriculum starts at N={N} and grows N once it is solved (< {cfg.task.threshold} "
+          f"wrong bits per sequence); {cfg.train.max_steps} updates per method.", flush=True)
+    results = {}
+    for method in ("bptt", "dni"):
+        c = copy.deepcopy(cfg)
+        c.dni.method = method
+        c.train.progress = False
+        print(f"-- {method}", flush=True)
+        s = train(c, out_dir=out / method, resume=args.resume and (out / method / "last.pt").exists(),
+                  data_dir=args.data_dir, quiet=True)
+        results[method] = s
+        print(format_summary(s)[1], f"({s['elapsed_s']:.0f}s)", flush=True)
+    b, d = results["bptt"]["best_metric"] or 0, results["dni"]["best_metric"] or 0
+    if d > b:
+        verdict = f"DNI learned the longer dependency: copies of length {d} against {b} for TBPTT"
+    elif b > d:
+        verdict = f"plain TBPTT learned the longer dependency: length {b} against {d} for DNI"
+    else:
+        verdict = f"a tie: both solved length {b}"
+    print(f"result (T={T}): {verdict}. Runs in {out}.")
+    return 0
