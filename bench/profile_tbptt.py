@@ -103,7 +103,8 @@ def profile_runner(spec, T, chunks, clock, use_dni=False, lam=None):
                              sg_scale=0.1, bootstrap=lam, clip=0.25)
     runner._forward = timed(clock, "forward", runner._forward)
     runner._loss = timed(clock, "loss", runner._loss)
-    runner._bootstrap_correction = timed(clock, "2nd VJP", runner._bootstrap_correction)
+    if runner.dni is not None:
+        runner.dni._bootstrap_correction = timed(clock, "2nd VJP", runner.dni._bootstrap_correction)
     if runner.interface is not None:
         runner.interface._messages = timed(clock, "synth fwd", runner.interface._messages)
     opt.step = timed(clock, "step", opt.step)

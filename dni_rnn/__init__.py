@@ -5,6 +5,7 @@
 from . import distributed, nest, replay
 from .cells import CellLoop, LayerNormLSTMCell, MinimalGRUCell
 from .deferred import DeferredBackward, backward, defer_backward
+from .dni_step import DNIStep
 from .interfaces import BackwardInterface, BidirectionalInterface, ForwardInterface, TriggerStats
 from .models import RNNLanguageModel, SequenceModel
 from .synthesizers import (
@@ -24,7 +25,7 @@ __all__ = [
     "nest", "distributed", "BackwardInterface", "ForwardInterface", "BidirectionalInterface", "TriggerStats",
     "BasicSynthesizer", "StateSynthesizer", "state_dim", "synthesizer_context",
     "current_context", "DeferredBackward", "defer_backward", "backward",
-    "TBPTTRunner", "evaluate", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
+    "TBPTTRunner", "DNIStep", "evaluate", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
     "RandomTruncation", "RNNLanguageModel", "SequenceModel", "CellLoop",
     "LayerNormLSTMCell", "MinimalGRUCell", "DNI",
 ]

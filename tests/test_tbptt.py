@@ -391,3 +391,27 @@ def test_evaluate_reads_the_losses_once(monkeypatch):
     counter = SyncCounter(monkeypatch)
     dni.evaluate(model, lm_loss, data[:-1], data[1:], chunk_length=7)
     assert counter.count == 1
+
+
+def test_a_dni_step_object_equals_the_keywords():
+    """TBPTTRunner(dni=DNIStep(synth, ...)) and TBPTTRunner(synthesizer=synth, ...) take the
+    same updates, bit for bit."""
+    data = stream(n=30)
+    results = []
+    for style in ("keywords", "object"):
+        model = tiny_lm()
+        torch.manual_seed(7)
+        synth = dni.StateSynthesizer.mlp(dni.state_dim(model.init_state(1)), n_hidden=1).double()
+        opt = torch.optim.Adam(list(model.parameters()) + list(synth.parameters()), lr=1e-2)
+        kw = dict(sg_scale=0.2, bootstrap=0.5, calibrate=True, replay=2)
+        if style == "keywords":
+            runner = dni.TBPTTRunner(model, lm_loss, opt, truncation=4, synthesizer=synth, **kw)
+        else:
+            runner = dni.TBPTTRunner(model, lm_loss, opt, truncation=4,
+                                     dni=dni.DNIStep(synth, **kw))
+        torch.manual_seed(0)
+        _, metrics = runner.run(data[:-1], data[1:])
+        results.append(([p.detach().clone() for p in model.parameters()],
+                        [m.cosine for m in metrics]))
+    (a, ca), (b, cb) = results
+    assert ca == cb and all(torch.equal(x, y) for x, y in zip(a, b))
