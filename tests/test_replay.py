@@ -116,3 +116,11 @@ def test_config_refuses_a_negative_replay():
         load_recipe("copy-smoke", ["dni.replay=-1"])
     with pytest.raises(ValueError, match="replay"):
         dni.replay.SynthReplay(steps=1, chunks=0)
+
+
+def test_replay_under_torchrun_is_refused_with_one_line(tmp_path):
+    from dni_rnn.app.run import Run
+    from dni_rnn.distributed import World
+    cfg = load_recipe("copy-smoke", ["dni.replay=2", "data.batch_size=4"])
+    with pytest.raises(ConfigError, match="dni.replay is not supported under torchrun"):
+        Run(cfg, tmp_path / "r", world=World(rank=0, size=2)).setup()

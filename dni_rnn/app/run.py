@@ -150,6 +150,11 @@ class Run:
     def setup(self):
         cfg, t, w = self.cfg, self.cfg.train, self.world
         w.check_batch(cfg.data.batch_size)
+        if w.distributed and cfg.dni.replay and cfg.dni.method != "bptt":
+            # each rank's replay buffer holds its own streams; checkpoints keep rank 0's
+            raise ConfigError("dni.replay is not supported under torchrun yet (a checkpoint "
+                              "would keep one rank's replay buffer); set dni.replay=0 or run "
+                              "one process")
         # the task (data) first: a failed start leaves no run directory behind
         self.task = w.main_first(lambda: build_task(cfg, self.data_dir, w))
         if not self.task.epoch_based and not (t.max_steps or t.max_tokens):
