@@ -23,8 +23,11 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
+
+from .stopping import RunInterrupted
 
 PROG = "dni-rnn"
 DEMO_RECIPE = "demo"
@@ -131,6 +134,11 @@ def main(argv=None):
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         print(f"{PROG}: error:{where} {e.strerror or e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:  # the demo and compare (train says more itself)
+        again = ("run the same command again: it resumes unfinished runs"
+                 if args.command == "compare" else "run the same command with --resume")
+        print(f"{PROG}: {e}. To continue, {again}.", file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -145,7 +153,19 @@ def cmd_train(args):
     if args.recipe is None:  # `dni-rnn train` alone: the demo, the README's first command
         return cmd_demo(args)
     cfg = load_recipe(args.recipe, args.overrides)
-    train(cfg, out_dir=args.out, resume=args.resume, data_dir=args.data_dir)
+    try:
+        train(cfg, out_dir=args.out, resume=args.resume, data_dir=args.data_dir)
+    except RunInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            command = [PROG, "train", args.recipe, *(a for o in args.overrides for a in ("--set", o))]
+            if args.data_dir:
+                command += ["--data-dir", args.data_dir]
+            command += ["--out", str(e.checkpoint.parent), "--resume"]
+            launched = " (under torchrun: the same torchrun command with these arguments)" \
+                if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+            print(f"{PROG}: {e}. Resume with{launched}: {shlex.join(command)}",
+                  file=sys.stderr)
+        return e.status
     return 0
 
 

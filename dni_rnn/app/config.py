@@ -179,6 +179,9 @@ class TrainConfig:
     progress: bool = _f(True, "tqdm progress bar (on a terminal)")
     tensorboard: bool = _f(False, "also write TensorBoard scalars (needs tensorboard)")
     test: bool = _f(True, "evaluate the best checkpoint on the test split at the end")
+    checkpoint_every: int = _f(0, "also write last.pt every N updates (0: off)")
+    checkpoint_minutes: float = _f(10.0, "also write last.pt when this many minutes of "
+                                         "training passed since the last checkpoint (0: off)")
     out_dir: str = _f("", "run directory (empty: runs/<recipe>-<method>-T<T>-s<seed>)")
 
 
@@ -393,7 +396,10 @@ def validate(cfg):
     need(cfg.model.embed_dim == cfg.model.hidden_dim or not cfg.model.tie_weights,
          "model.tie_weights needs model.embed_dim == model.hidden_dim")
     need(cfg.train.log_interval >= 1, "train.log_interval must be >= 1")
-    for key in ("max_steps", "max_tokens", "eval_interval", "eval_tokens", "early_stop"):
+    need(cfg.train.checkpoint_minutes >= 0,
+         f"train.checkpoint_minutes must be >= 0 (0: off), got {cfg.train.checkpoint_minutes}")
+    for key in ("max_steps", "max_tokens", "eval_interval", "eval_tokens", "early_stop",
+                "checkpoint_every"):
         value = getattr(cfg.train, key)
         need(value >= 0, f"train.{key} must be >= 0 (0: off), got {value}")
     need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")

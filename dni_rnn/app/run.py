@@ -39,6 +39,7 @@ from .. import diagnostics
 from .. import distributed
 from .config import ConfigError, horizons, target_scale
 from .logs import Meter, NullLog, RunLog, progress_bar
+from .stopping import RunInterrupted, StopSignals
 from ..synthesizers import StateSynthesizer, state_dim
 from .tasks import METRICS, build_task
 from ..tbptt import TBPTTRunner
@@ -226,25 +227,39 @@ class Run:
                                 self.step)
         self.meter = Meter()
         self.started = time.perf_counter() - p.elapsed
+        self._saved_at = (self.step, time.perf_counter())  # the last checkpoint written
         try:
-            while not self.finished():
-                # a new stream: the next epoch of the corpus, or a fresh block of episodes
-                if self.stream is None:
-                    self.stream = self.task.train_stream(self.device)
-                    self.state = self.model.init_state(self.stream.inputs.shape[1])
-                    p.pos = 0
-                s = self.stream
-                walk = self.runner.walk(s.inputs, s.targets, self.state, s.resets, start=p.pos)
-                for p.pos, self.state, m in walk:
-                    if self._after_chunk(m):
-                        break
-        except KeyboardInterrupt:
+            with StopSignals() as self.signals:
+                while not self.finished():
+                    # a new stream: the next epoch of the corpus, or a fresh block of episodes
+                    if self.stream is None:
+                        self.stream = self.task.train_stream(self.device)
+                        self.state = self.model.init_state(self.stream.inputs.shape[1])
+                        p.pos = 0
+                    s = self.stream
+                    walk = self.runner.walk(s.inputs, s.targets, self.state, s.resets,
+                                            start=p.pos)
+                    for p.pos, self.state, m in walk:
+                        if self._after_chunk(m):
+                            break
+        finally:
             self.bar.close()
-            self.log.write_line(f"interrupted at step {self.step}; resume from the last "
-                                "checkpoint with --resume")
-            raise
-        self.bar.close()
         return self
+
+    def _stop_requested(self):
+        """A SIGINT / SIGTERM arrived (under torchrun: on any rank; every rank stops at the
+        same update)."""
+        signum = self.signals.signum or 0
+        if self.world.distributed:
+            signum = int(max(self.world.gather_objects(signum)))
+        return signum
+
+    def _checkpoint_due(self):
+        t = self.cfg.train
+        step, when = self._saved_at
+        return bool((t.checkpoint_every and self.step - step >= t.checkpoint_every)
+                    or (t.checkpoint_minutes
+                        and time.perf_counter() - when >= 60 * t.checkpoint_minutes))
 
     def _after_chunk(self, m):
         """Account for one chunk; log, validate and checkpoint when due. True: leave the walk
@@ -281,6 +296,14 @@ class Run:
                 self.log_interval()
             p.elapsed = time.perf_counter() - self.started
             self.validate()
+        signum = self._stop_requested()
+        if (signum or self._checkpoint_due()) and self._saved_at[0] != self.step:
+            p.elapsed = time.perf_counter() - self.started
+            self.save("last.pt")  # at this chunk boundary: a resumed run goes on from here
+        if signum:
+            self.log.write_line(f"stopped by signal {signum} after update {self.step}; "
+                                f"saved {self.run_dir / 'last.pt'}")
+            raise RunInterrupted(signum, self.step, self.run_dir / "last.pt")
         return stream_end or self.finished()
 
     def diagnose(self):
@@ -352,6 +375,7 @@ class Run:
         state = ckpt.run_state(self)  # all ranks: it gathers their carried states
         if self.world.main:
             ckpt.save(state, self.run_dir / name)
+        self._saved_at = (self.step, time.perf_counter())
 
     def _estimate_steps(self):
         t = self.cfg.train

@@ -1,0 +1,55 @@
+"""Stop a training run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice).
+
+While a run trains, the two signals only record that a stop was asked for; the run finishes
+the update in progress (and a validation under way), writes last.pt at that chunk boundary
+and raises `RunInterrupted`, which the CLI turns into a line naming the checkpoint, the
+command that resumes it, and the conventional exit status (128 + the signal: 130, 143).
+A second signal while it saves only prints that the save is under way; checkpoints are
+written atomically in any case (temp file, fsync, rename).
+"""
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(Exception):
+    """The run stopped on a signal after `step` updates; `checkpoint` resumes it."""
+
+    def __init__(self, signum, step, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.status = 128 + int(signum)
+        super().__init__(f"stopped by {signal.Signals(signum).name} after update {step}; "
+                         f"saved {checkpoint}")
+
+
+class StopSignals:
+    """A context manager: while inside, SIGINT and SIGTERM set `signum` instead of killing
+    the process. Outside the main thread (where handlers cannot be installed) it does
+    nothing and the signals act as usual."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: finishing this update, then saving a "
+                  "checkpoint", file=sys.stderr, flush=True)
+        else:
+            print(f"{signal.Signals(signum).name}: already stopping; the checkpoint is being "
+                  "written", file=sys.stderr, flush=True)

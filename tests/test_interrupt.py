@@ -1,0 +1,120 @@
+"""An interrupted run loses nothing: SIGINT / SIGTERM finish the update, save last.pt and
+exit 130 / 143; periodic checkpoints; every resume is bit-identical to a run never stopped."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dni_rnn import checkpoint as ckpt
+from dni_rnn.app.stopping import RunInterrupted
+from dni_rnn.config import load_recipe
+from dni_rnn.tbptt import TBPTTRunner
+from dni_rnn.training import train
+from helpers import run_records
+from conftest import REPO
+
+# DNI with replay: everything a resume must restore, and a validation every 5 updates
+COPY = ["model.hidden_dim=16", "data.batch_size=4", "task.eval_sequences=8",
+        "train.truncation=3", "train.max_steps=16", "train.eval_interval=5",
+        "train.log_interval=1", "train.progress=false", "task.threshold=100", "dni.replay=2"]
+
+
+def _signal_at(monkeypatch, step, signum):
+    """Send `signum` to this process while the runner trains its `step`-th update."""
+    original = TBPTTRunner.train_chunk
+
+    def chunk(self, *a, **k):
+        if self.step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(TBPTTRunner, "train_chunk", chunk)
+
+
+def _signal_in_first_validation(monkeypatch, signum):
+    from dni_rnn.app.tasks import CopyTask
+    original, sent = CopyTask.evaluate, []
+
+    def evaluate(self, *a, **k):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signum)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(CopyTask, "evaluate", evaluate)
+
+
+def _assert_same_run(whole_dir, cut_dir):
+    a, b = run_records(whole_dir), run_records(cut_dir)
+    assert [r["step"] for r in a] == list(range(1, 17)) == [r["step"] for r in b]
+    assert a == b  # losses, synthesizer loss, cosine, norms: equal to the last bit
+    assert run_records(whole_dir, "eval") == run_records(cut_dir, "eval")
+
+
+@pytest.mark.parametrize("where, signum, stopped_at", [
+    (3, signal.SIGINT, 3),             # between validations
+    (5, signal.SIGTERM, 5),            # the update whose validation writes a checkpoint
+    (12, signal.SIGINT, 12),
+    ("first validation", signal.SIGTERM, 5),
+])
+def test_a_signal_saves_at_the_update_and_the_resumed_run_is_bit_identical(
+        where, signum, stopped_at, tmp_path, monkeypatch):
+    whole = train(load_recipe("copy-smoke", COPY), out_dir=tmp_path / "whole", quiet=True)
+    if where == "first validation":
+        _signal_in_first_validation(monkeypatch, signum)
+    else:
+        _signal_at(monkeypatch, where, signum)
+    with pytest.raises(RunInterrupted) as stop:
+        train(load_recipe("copy-smoke", COPY), out_dir=tmp_path / "cut", quiet=True)
+    monkeypatch.undo()
+    assert stop.value.step == stopped_at and stop.value.status == 128 + signum
+    assert ckpt.load(tmp_path / "cut" / "last.pt")["runner"]["step"] == stopped_at
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    again = train(load_recipe("copy-smoke", COPY), out_dir=tmp_path / "cut", resume=True,
+                  quiet=True)
+    _assert_same_run(tmp_path / "whole", tmp_path / "cut")
+    assert whole["best_step"] == again["best_step"] and whole["steps"] == again["steps"]
+
+
+def test_periodic_checkpoints_by_updates_limit_what_a_kill_loses(tmp_path, monkeypatch):
+    cfg = COPY + ["train.eval_interval=100", "train.checkpoint_every=3"]
+    train(load_recipe("copy-smoke", cfg), out_dir=tmp_path / "whole", quiet=True)
+    original = TBPTTRunner.train_chunk
+
+    def killed(self, *a, **k):  # a hard kill: nothing runs after it
+        if self.step + 1 == 11:
+            raise SystemExit(137)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(TBPTTRunner, "train_chunk", killed)
+    with pytest.raises(SystemExit):
+        train(load_recipe("copy-smoke", cfg), out_dir=tmp_path / "cut", quiet=True)
+    monkeypatch.undo()
+    assert ckpt.load(tmp_path / "cut" / "last.pt")["runner"]["step"] == 9  # every 3 updates
+    train(load_recipe("copy-smoke", cfg), out_dir=tmp_path / "cut", resume=True, quiet=True)
+    _assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_the_command_line_stops_on_sigterm_with_143_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "copy-smoke", *(a for o in COPY + ["train.max_steps=100000",
+                                                          "train.eval_interval=1000"]
+                                     for a in ("--set", o)), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "dni_rnn", *args], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)  # some updates in
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    line = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM after update" in line and "--resume" in line, err
+    step = ckpt.load(out / "last.pt")["runner"]["step"]
+    assert f"after update {step};" in line
+    assert "Traceback" not in err
