@@ -200,3 +200,25 @@ def test_run_directory_not_writable(tmp_path, capsys):
         locked.chmod(0o500)
         assert_one_line_error(run_main(capsys, "train", "copy-smoke", "--out", locked / "run"),
                               "not writable")
+
+
+def test_the_demo_run_twice_starts_afresh_beside_the_first(tmp_path):
+    from dni_rnn.app.cli import _fresh_demo_dir
+    base = tmp_path / "runs" / "demo"
+    assert _fresh_demo_dir(base, resume=False) == base
+    base.mkdir(parents=True)
+    assert _fresh_demo_dir(base, resume=False) == tmp_path / "runs" / "demo-2"
+    (tmp_path / "runs" / "demo-2").mkdir()
+    assert _fresh_demo_dir(base, resume=False) == tmp_path / "runs" / "demo-3"
+    assert _fresh_demo_dir(base, resume=True) == tmp_path / "runs" / "demo-2"
+    env = {"HOME": str(tmp_path)}
+    work = tmp_path / "work"
+    work.mkdir()
+    for _ in range(2):  # through the command, in a fresh working directory
+        p = subprocess.run([sys.executable, "-m", "dni_rnn", "demo", "--set",
+                            "train.max_steps=10", "--set", "train.eval_interval=5"],
+                           cwd=work, capture_output=True, text=True, timeout=180,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                                **env})
+        assert p.returncode == 0, p.stderr
+    assert "Runs in runs/demo-2." in p.stdout

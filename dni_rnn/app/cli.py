@@ -235,6 +235,22 @@ def cmd_recipes(args):
     return 0
 
 
+def _fresh_demo_dir(base, resume):
+    """runs/demo, or with an earlier demo there, the next of runs/demo-2, runs/demo-3, ...
+    (--resume: the newest one, to continue it)."""
+    taken = [base] + sorted((p for p in base.parent.glob(f"{base.name}-*")
+                             if p.name.rsplit("-", 1)[1].isdigit()),
+                            key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    taken = [p for p in taken if p.exists()]
+    if resume:
+        return taken[-1] if taken else base
+    if not taken:
+        return base
+    last = taken[-1]
+    n = int(last.name.rsplit("-", 1)[1]) + 1 if last != base else 2
+    return base.parent / f"{base.name}-{n}"
+
+
 def cmd_demo(args):
     """Copy task, plain TBPTT then DNI at the same T: who learns the longer dependency?"""
     from .config import load_recipe
@@ -242,7 +258,7 @@ def cmd_demo(args):
     from .training import train
 
     cfg = load_recipe(DEMO_RECIPE, args.overrides)
-    out = Path(args.out or "runs/demo")
+    out = Path(args.out) if args.out else _fresh_demo_dir(Path("runs/demo"), args.resume)
     T = cfg.train.truncation
     N = cfg.task.start_length
     print(f"demo: the copy task (Graves et al. 2014), {cfg.task.bits}-bit patterns, truncation "
