@@ -74,6 +74,7 @@ class DNIStep:
         self.calibration = Calibration() if calibrate else None
         self._reference = None  # the g_hat injected at the last chunk's end, before the gate
         self.recoveries = 0
+        self._recovered = False
         self.replay = SynthReplay(replay, replay_chunks, batch_dim)
         self.params = list(synthesizer.parameters())
         if self.aux_on:
@@ -243,6 +244,7 @@ class DNIStep:
                 forget_optimizer_state(opt, self.params)
         self.target_rms.reset()
         self.replay.clear()  # its targets may be the runaway ones
+        self._recovered = True  # nor is this chunk's own trigger kept (`keep`)
         if self.calibration is not None:
             self.calibration.reset()
             self._reference = None
@@ -263,7 +265,8 @@ class DNIStep:
     def keep(self, state):
         """Keep the chunk's trigger and the real gradient that reached it (replay on)."""
         stats = self.interface.last_stats
-        if not self.replay or stats is None or stats.gradients is None:
+        recovered, self._recovered = self._recovered, False
+        if not self.replay or recovered or stats is None or stats.gradients is None:
             return
         tensors = nest.flatten(state)
         grads = [stats.gradients.get(i, torch.zeros_like(t)) for i, t in enumerate(tensors)]

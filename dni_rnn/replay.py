@@ -51,6 +51,9 @@ class SynthReplay:
             self.states = [self._empty(t, d) for t, d in zip(tensors, dims)]
             self.grads = [self._empty(t, d) for t, d in zip(tensors, dims)]
             self.filled = self.slot = 0
+        if self.states[0].device != tensors[0].device:  # resumed from a checkpoint on the CPU
+            self.states = [t.to(tensors[0].device) for t in self.states]
+            self.grads = [t.to(tensors[0].device) for t in self.grads]
         a, b = self.slot * width, (self.slot + 1) * width
         for bufs, source in ((self.states, tensors), (self.grads, grads)):
             for buf, t, d in zip(bufs, source, dims):

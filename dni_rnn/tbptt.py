@@ -65,10 +65,15 @@ class TBPTTRunner:
         self.schedule = as_schedule(truncation)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if dni is not None and synthesizer is not None:
+            raise ValueError("pass the synthesizer either to TBPTTRunner or to its DNIStep, "
+                             "not both")
         if aux_weight and synthesizer is None and dni is None:
             raise ValueError("DNI + Aux needs a synthesizer")
-        if dni is None and synthesizer is not None:
-            if sync is not None:  # a rank's trigger gradients are W x one process's
+        if dni is not None and sync is not None:  # a rank's trigger gradients are W x one
+            dni.target_scale = sync.local_target_scale(dni.target_scale)  # process's
+        elif dni is None and synthesizer is not None:
+            if sync is not None:
                 target_scale = sync.local_target_scale(target_scale)
             dni = DNIStep(synthesizer, sg_scale=sg_scale, bootstrap=bootstrap, warmup=warmup,
                           target_scale=target_scale, sg_cap=sg_cap, guard=guard,

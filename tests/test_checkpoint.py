@@ -95,6 +95,12 @@ def test_other_model_recipe_or_vocabulary_is_refused():
         ckpt.check_compatible(base, bptt, "x.pt")
     with pytest.raises(ckpt.CheckpointError, match="recipe 'ptb-word-small', not 'ptb-char'"):
         ckpt.check_compatible(base, load_recipe("ptb-char").to_dict(), "x.pt")
+    # a checkpoint from before a key existed ran with its default: resumable, unless changed
+    older = {**base, "dni": {k: v for k, v in base["dni"].items() if k != "replay"}}
+    ckpt.check_compatible(older, base, "x.pt")
+    replayed = load_recipe("ptb-word-small", ["dni.replay=4"]).to_dict()
+    with pytest.raises(ckpt.CheckpointError, match="dni.replay=0.*4"):
+        ckpt.check_compatible(older, replayed, "x.pt")
 
     from corpora import Vocabulary
     v = Vocabulary(["<eos>", "a", "b"])

@@ -243,9 +243,11 @@ def test_guard_recovers_a_diverging_run_to_plain_tbptt_loss():
     assert math.isfinite(recovered) and recovered < plain + 0.1, (recovered, plain)
 
 
-def test_a_recovery_leaves_the_synthesizer_at_zero_after_its_chunk():
+@pytest.mark.parametrize("replay", [0, 2])
+def test_a_recovery_leaves_the_synthesizer_at_zero_after_its_chunk(replay):
     """The chunk whose statistics trip the guard still steps the optimizer: the synthesizer
-    must come out of it re-zeroed, not moved by that chunk's (diverged) gradient."""
+    must come out of it re-zeroed, not moved by that chunk's (diverged) gradient, nor by
+    replayed updates on that chunk's trigger (the replay buffer starts empty)."""
     data = _markov_streams(n=8_000)
     torch.manual_seed(0)
     model = dni.RNNLanguageModel(30, embed_dim=32, hidden_dim=64, num_layers=1)
@@ -253,13 +255,15 @@ def test_a_recovery_leaves_the_synthesizer_at_zero_after_its_chunk():
     runner = dni.TBPTTRunner(model, _lm_loss, torch.optim.Adam(
         list(model.parameters()) + list(synth.parameters()), lr=1e-2), truncation=2,
         synthesizer=synth, clip=1.0, sg_scale=1.0, bootstrap=1.0, target_scale="raw",
-        sg_cap=None, guard=True, calibrate=False)
+        sg_cap=None, guard=True, calibrate=False, replay=replay)
     for _, _, m in runner.walk(data[:-1], data[1:]):
         if m.recovery:
             break
     assert m.recovery, "the unstable setting should trip the guard"
     out = synth.synthesizer.output
     assert out.weight.abs().max() == 0 and out.bias.abs().max() == 0
+    if replay:
+        assert runner.replay.filled == 0
 
 
 def test_calibration_gate_is_the_clamped_least_squares_scale():

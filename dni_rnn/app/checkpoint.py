@@ -38,6 +38,7 @@ from corpora import CorpusError, Vocabulary
 from corpora.paths import atomic_write  # one atomic write for corpora caches and checkpoints
 
 from .. import nest
+from .config import SECTIONS
 
 FORMAT = "dni_rnn-checkpoint"
 VERSION = 1
@@ -150,6 +151,9 @@ def check_compatible(saved_config, config, path):
         raise CheckpointError(f"checkpoint {path} is from recipe {saved_config.get('recipe')!r}, "
                               f"not {config.get('recipe')!r}; use another --out")
     old, new = _flat(saved_config), _flat(config)
+    # a key the checkpoint predates ran with its default (e.g. dni.replay = 0)
+    defaults = _flat({name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()})
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     diffs = [k for k in sorted(set(old) | set(new))
              if k not in IDENTITY_EXEMPT and old.get(k) != new.get(k)]
     if diffs:

@@ -246,13 +246,15 @@ class Run:
             self.bar.close()
         return self
 
-    def _stop_requested(self):
-        """A SIGINT / SIGTERM arrived (under torchrun: on any rank; every rank stops at the
-        same update)."""
-        signum = self.signals.signum or 0
+    def _stop_or_save(self):
+        """(signal number or 0, whether a periodic checkpoint is due). Under torchrun the
+        ranks decide together: any rank's signal or clock counts, so every rank stops or
+        saves at the same update."""
+        signum, due = self.signals.signum or 0, self._checkpoint_due()
         if self.world.distributed:
-            signum = int(max(self.world.gather_objects(signum)))
-        return signum
+            votes = self.world.gather_objects((signum, due))
+            signum, due = max(v[0] for v in votes), any(v[1] for v in votes)
+        return signum, due
 
     def _checkpoint_due(self):
         t = self.cfg.train
@@ -296,8 +298,8 @@ class Run:
                 self.log_interval()
             p.elapsed = time.perf_counter() - self.started
             self.validate()
-        signum = self._stop_requested()
-        if (signum or self._checkpoint_due()) and self._saved_at[0] != self.step:
+        signum, due = self._stop_or_save()
+        if (signum or due) and self._saved_at[0] != self.step:
             p.elapsed = time.perf_counter() - self.started
             self.save("last.pt")  # at this chunk boundary: a resumed run goes on from here
         if signum:

@@ -23,6 +23,9 @@ class RunInterrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} after update {step}; "
                          f"saved {checkpoint}")
 
+    def __reduce__(self):  # through a process pool (compare --jobs)
+        return type(self), (self.signum, self.step, self.checkpoint)
+
 
 class StopSignals:
     """A context manager: while inside, SIGINT and SIGTERM set `signum` instead of killing
