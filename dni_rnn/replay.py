@@ -10,8 +10,10 @@ takes `steps` extra synthesizer updates per chunk on minibatches drawn from them
 synthesizer sees many phases per update and keeps up with the model.
 
 The buffer holds gradients in gradient units and scales them by the target scale in force
-when they are replayed (a running RMS moves). Streams are drawn with torch's global
-generator (saved in checkpoints), so a run with replay resumes bit for bit.
+when they are replayed (a running RMS moves; with `target_scale="sum"` and random chunk
+lengths, that is the current chunk's token count). Streams are drawn with torch's global
+generator (saved in checkpoints), so a run with replay resumes bit for bit. Replayed
+triggers carry no context: a synthesizer conditioned on one (cDNI) cannot be replayed.
 """
 import torch
 
