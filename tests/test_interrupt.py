@@ -47,6 +47,15 @@ def _signal_in_first_validation(monkeypatch, signum):
     monkeypatch.setattr(CopyTask, "evaluate", evaluate)
 
 
+@pytest.fixture(autouse=True)
+def _signals_as_in_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt, whatever the test runner was started under (nohup
+    and background jobs ignore SIGINT, and the run keeps an ignored signal ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _assert_same_run(whole_dir, cut_dir):
     a, b = run_records(whole_dir), run_records(cut_dir)
     assert [r["step"] for r in a] == list(range(1, 17)) == [r["step"] for r in b]
@@ -118,3 +127,17 @@ def test_the_command_line_stops_on_sigterm_with_143_and_says_how_to_resume(tmp_p
     step = ckpt.load(out / "last.pt")["runner"]["step"]
     assert f"after update {step};" in line
     assert "Traceback" not in err
+
+
+def test_an_ignored_sigint_stays_ignored_and_handlers_come_back():
+    from dni_rnn.app.stopping import StopSignals
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
+    term = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) == term

@@ -30,7 +30,7 @@ class RunInterrupted(Exception):
 class StopSignals:
     """A context manager: while inside, SIGINT and SIGTERM set `signum` instead of killing
     the process. Outside the main thread (where handlers cannot be installed) it does
-    nothing and the signals act as usual."""
+    nothing and the signals act as usual; a signal the process ignores stays ignored."""
 
     def __init__(self):
         self.signum = None
@@ -39,6 +39,8 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
+                if signal.getsignal(s) is signal.SIG_IGN:  # e.g. SIGINT under nohup: keep so
+                    continue
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
