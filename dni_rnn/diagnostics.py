@@ -16,7 +16,6 @@ and restored (dropout draws as in training, then forgotten), the carried state i
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import nest
+from .metrics import read_records
 from .tbptt import forward_with_resets, zero_streams
 
 
@@ -144,11 +144,7 @@ def plot(run_dir, report=None, horizons=(1, 2, 4, 8)):
     except ImportError:
         return None
     run_dir = Path(run_dir)
-    recs = []
-    if (run_dir / "metrics.jsonl").is_file():
-        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-                if x.strip()]
-    recs = [r for r in recs if r.get("kind") == "diagnose"]
+    recs = read_records(run_dir, "diagnose")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if recs:
         for K in horizons:

@@ -1,5 +1,8 @@
-"""What a training chunk reports (`ChunkMetrics`), read from the device lazily and in batches."""
+"""What a training chunk reports (`ChunkMetrics`), read from the device lazily and in batches,
+and the one reader of a run's records (`read_records`: RUN_DIR/metrics.jsonl)."""
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -78,3 +81,33 @@ def read_values(values):
         tensors = [t.to(tensors[0].device) for t in tensors]
     read = iter(torch.stack(tensors).tolist())  # dtypes promote: float32 -> float64 is exact
     return [next(read) if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def read_records(run_dir, kind=None):
+    """The records of a run directory's metrics.jsonl, oldest first ([] before the first).
+
+    Args:
+        run_dir: the run directory (or the metrics.jsonl file itself).
+        kind: only records of this kind ("train", "eval", "diagnose", "recovery", ...).
+    A last line cut short by a killed process is left out; any other unreadable line is an
+    error naming the file and line.
+    """
+    path = Path(run_dir)
+    path = path if path.suffix == ".jsonl" else path / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the write a kill interrupted
+            raise ValueError(f"{path}:{number} is not a JSON record; the run log is damaged") \
+                from None
+        if kind is None or record.get("kind") == kind:
+            records.append(record)
+    return records

@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from dni_rnn.metrics import read_records
+
 FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
           "metric", "best", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target", "norm_ratio_k1",
           "recoveries", "elapsed_s", "run"]
@@ -31,7 +33,7 @@ def row(run_dir):
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    recs = read_records(run_dir)
     updates = max((r.get("step", 0) for r in recs), default=0)
     late = [r for r in recs if r.get("step", 0) > updates / 2]
     diag = [r for r in late if r.get("kind") == "diagnose"]

@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dni_rnn.metrics import read_records
+
 # DNI settings; every key set explicitly so that a recipe's own [dni] section cannot leak in
 DNI = {"dni.method": "dni", "dni.sg_scale": "0.1", "dni.bootstrap": "none",
        "dni.target_scale": "rms", "dni.sg_cap": "1", "dni.guard": "true"}
@@ -154,8 +156,7 @@ def row(out, case, setting, seed):
         r.update(best=s["best_length"], final_error=round(s["final_error"], 3))
     else:
         r.update(best=round(s[f"best_valid_{m}"], 3), test=round(s.get(f"test_{m}", math.nan), 3))
-    train = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = [x for x in train if x.get("kind") == "train"]
+    train = read_records(d, "train")
     if train:
         last = train[-len(train) // 5 or -1:]  # the last fifth of the run
 

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from dni_rnn.metrics import read_records
+
 FIELDS = ["recipe", "method", "T", "seed", "epoch", "updates", "tokens", "lr", "valid",
           "test", "metric", "elapsed_s", "run"]
 
@@ -27,8 +29,7 @@ def rows(run_dir):
     metric = summary.get("metric") or ("bpc" if cfg["data"]["corpus"] == "ptb-char" else "ppl")
     test = summary.get(f"test_{metric}", "")
     out, trained = [], []  # trained: (step, lr) of the train records so far
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_records(run_dir):
         if rec.get("kind") == "train":
             trained.append((rec["step"], rec["lr"]))
         if rec.get("kind") != "eval" or rec.get("split") != "valid":

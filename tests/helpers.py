@@ -1,5 +1,4 @@
 """Small float64 reference setups shared by the gradient tests."""
-import json
 
 import torch
 from torch import nn
@@ -88,12 +87,9 @@ class BiasSynthesizer(nn.Module):
 
 def run_records(run_dir, kind="train"):
     """A run's JSONL records of one kind, without the timing field (for bit-exact comparisons)."""
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == kind:
-            r.pop("tokens_per_s", None)
-            out.append(r)
+    out = dni.metrics.read_records(run_dir, kind)
+    for r in out:
+        r.pop("tokens_per_s", None)
     return out
 
 

@@ -35,3 +35,16 @@ def test_a_long_interval_is_read_in_bounded_batches(monkeypatch):
         meter.add(ChunkMetrics(step=k, length=1, loss=torch.tensor(float(k)), tokens=1))
     assert len(meter.pending) == 1
     assert meter.record()["loss"] == sum(range(7)) / 7
+
+
+def test_read_records_skips_a_last_line_a_kill_cut_short_and_names_a_damaged_one(tmp_path):
+    from dni_rnn.metrics import read_records
+    assert read_records(tmp_path) == []
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"kind": "train", "step": 1}\n\n{"kind": "eval", "step": 1}\n{"kind": "tr')
+    assert [r["kind"] for r in read_records(tmp_path)] == ["train", "eval"]
+    assert read_records(log, "eval") == [{"kind": "eval", "step": 1}]
+    log.write_text('{"kind": "train"}\nnot json\n{"kind": "eval"}\n')
+    import pytest
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        read_records(tmp_path)

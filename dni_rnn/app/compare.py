@@ -32,10 +32,16 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
+from ..metrics import read_records
 from .config import Config, ConfigError, METHODS, validate
 from .tasks import METRICS
 from .training import train
 
+
+
+def run_name(method, T, seed):
+    """The directory of one run of a sweep, inside the sweep's folder."""
+    return f"{method}-T{T}-s{seed}"
 
 def parse_list(text, kind, name):
     """"2,3,5" -> [2, 3, 5]; one-line ConfigError on bad items."""
@@ -103,7 +109,7 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
             c.train.eval_tokens = max(budget // points, 1)
         c.train.out_dir = ""
         validate(c)
-        run_dir = out / f"{method}-T{T}-s{seed}"
+        run_dir = out / run_name(method, T, seed)
         summaries[run_dir] = _finished(run_dir, c)
         if summaries[run_dir] is not None:
             say(f"[{k}/{len(grid)}] {method} T={T} seed={seed}: done before, reused")
@@ -114,7 +120,7 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
         if pending:
             say(f"--report: {len(pending)} of {len(grid)} runs not finished, left out: "
                 + ", ".join(d.name for d in pending))
-        grid = [g for g in grid if summaries[out / f"{g[0]}-T{g[1]}-s{g[2]}"] is not None]
+        grid = [g for g in grid if summaries[out / run_name(*g)] is not None]
         if not grid:
             raise ConfigError(f"--report: no finished run in {out}; run the sweep first")
     elif jobs <= 1:
@@ -127,8 +133,8 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
     else:
         summaries.update(_parallel(configs, pending, len(grid), jobs, (budget, unit), data_dir,
                                    say, progress_every))
-    runs = [{"method": m, "T": T, "seed": s, "summary": summaries[out / f"{m}-T{T}-s{s}"],
-             "curve": _curve(out / f"{m}-T{T}-s{s}", summaries[out / f"{m}-T{T}-s{s}"]["metric"])}
+    runs = [{"method": m, "T": T, "seed": s, "summary": summaries[out / run_name(m, T, s)],
+             "curve": _curve(out / run_name(m, T, s), summaries[out / run_name(m, T, s)]["metric"])}
             for m, T, s in grid]
     rows = _rows(runs, methods, truncations)
     metric = METRICS[runs[0]["summary"]["metric"]]
@@ -188,11 +194,9 @@ def _progress_line(run_dir, budget):
 
     `budget`: (amount, "tokens" or "updates")."""
     budget, unit = budget
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
         return None
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    recs = [r for r in recs if r.get("kind") == "train"]
+    recs = read_records(run_dir, "train")
     if not recs:
         return "starting"
     r = recs[-1]
@@ -229,12 +233,8 @@ def _finished(run_dir, cfg):
 
 def _curve(run_dir, metric):
     """[(tokens, updates, value)] of the run's validations; value: the task's metric."""
-    points = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "eval" and rec.get("split") == "valid":
-            points.append((rec["tokens"], rec["updates"], rec[metric]))
-    return points
+    return [(rec["tokens"], rec["updates"], rec[metric]) for rec in read_records(run_dir, "eval")
+            if rec.get("split") == "valid"]
 
 
 def _mean_std(values):

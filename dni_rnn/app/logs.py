@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import ConfigError
+from ..metrics import read_records
 from ..tbptt import read_metrics
 
 
@@ -128,9 +129,7 @@ class RunLog:
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def read(self):
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_records(self.path)
 
     def emit(self, record):
         with open(self.path, "a") as fh:
