@@ -36,6 +36,7 @@ class Boundary:
     injected: object = None  # |beta * gate * capped g_hat|, on the device
     capped: object = None    # fraction of streams the cap scaled down
     aux: object = None       # the DNI + Aux loss
+    proposal: object = None  # the target RMS this chunk proposes (`pending`), committed in `account`
 
 
 class DNIStep:
@@ -195,13 +196,13 @@ class DNIStep:
 
     # ---- after the backward ----------------------------------------------------------------
 
-    def pending(self):
+    def pending(self, b):
         """What `account` decides on, still on the device: (mean square of the real
         gradient at the trigger, the RMS it proposes, the real gradient's norm)."""
         stats = self.interface.last_stats
         if not stats.filled:
             return [None, None, None]
-        self._proposal, rms = self.target_rms.propose(stats.gradient_mean_square)
+        b.proposal, rms = self.target_rms.propose(stats.gradient_mean_square)
         return [stats.gradient_mean_square, rms, stats.gradient_norm]
 
     def account(self, b, metrics, numbers, optimizers):
@@ -220,7 +221,7 @@ class DNIStep:
         if not stats.filled:
             return
         if mean_square > 0:  # a trigger whose streams all restarted carries no scale
-            self.target_rms.commit(self._proposal, rms)
+            self.target_rms.commit(b.proposal, rms)
         metrics.synth_loss = stats.loss
         metrics.cosine = stats.cosine
         metrics.synthetic_norm = stats.message_norm / b.scale if not zero_scale else 0.0

@@ -196,7 +196,7 @@ class TBPTTRunner:
             loss = self.sync.mean(loss)
         norm = self._clip_model()
         # the chunk's one host sync: everything decided on below
-        loss, norm, *numbers = read_values([loss, norm, *dni.pending(), injected])
+        loss, norm, *numbers = read_values([loss, norm, *dni.pending(boundary), injected])
         self._check_loss(loss, metrics)
         dni.account(boundary, metrics, numbers, (self.optimizer, self.synth_optimizer))
         self._check_grad_norm(norm, metrics)

@@ -238,17 +238,13 @@ def cmd_recipes(args):
 def _fresh_demo_dir(base, resume):
     """runs/demo, or with an earlier demo there, the next of runs/demo-2, runs/demo-3, ...
     (--resume: the newest one, to continue it)."""
-    taken = [base] + sorted((p for p in base.parent.glob(f"{base.name}-*")
-                             if p.name.rsplit("-", 1)[1].isdigit()),
-                            key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    taken = [p for p in taken if p.exists()]
-    if resume:
+    prefix = f"{base.name}-"
+    numbers = sorted(int(p.name[len(prefix):]) for p in base.parent.glob(prefix + "*")
+                     if p.name[len(prefix):].isdigit())
+    taken = ([base] if base.exists() else []) + [base.with_name(f"{prefix}{n}") for n in numbers]
+    if resume or not taken:
         return taken[-1] if taken else base
-    if not taken:
-        return base
-    last = taken[-1]
-    n = int(last.name.rsplit("-", 1)[1]) + 1 if last != base else 2
-    return base.parent / f"{base.name}-{n}"
+    return base.with_name(f"{prefix}{numbers[-1] + 1 if numbers else 2}")
 
 
 def cmd_demo(args):

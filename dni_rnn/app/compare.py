@@ -133,9 +133,11 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
     else:
         summaries.update(_parallel(configs, pending, len(grid), jobs, (budget, unit), data_dir,
                                    say, progress_every))
-    runs = [{"method": m, "T": T, "seed": s, "summary": summaries[out / run_name(m, T, s)],
-             "curve": _curve(out / run_name(m, T, s), summaries[out / run_name(m, T, s)]["metric"])}
-            for m, T, s in grid]
+    runs = []
+    for m, T, s in grid:
+        d = out / run_name(m, T, s)
+        runs.append({"method": m, "T": T, "seed": s, "summary": summaries[d],
+                     "curve": _curve(d, summaries[d]["metric"])})
     rows = _rows(runs, methods, truncations)
     metric = METRICS[runs[0]["summary"]["metric"]]
     write_tables(rows, metric, out, budget, seeds, unit)

@@ -15,7 +15,9 @@
 The run knows no task by name: it asks the task (`tasks.py`) for its streams, metric,
 score and whether it is done. Bit-exact resume (on CPU): a checkpoint holds the model,
 optimizers, runner, task, the position in the stream, the carried state and every
-generator's state, all saved right after a validation (`checkpoint.run_state`).
+generator's state, saved at a chunk boundary: after a validation, every
+`train.checkpoint_minutes` / `train.checkpoint_every`, and on SIGINT / SIGTERM
+(`stopping.py`; `checkpoint.run_state`).
 
 Under torchrun (`distributed.py`) every rank runs the same Run on its own block of the
 streams: the runner averages the gradients, the task reduces the evaluation, the
