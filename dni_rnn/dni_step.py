@@ -94,6 +94,23 @@ class DNIStep:
         if sg_cap is not None and sg_cap < 0:
             raise ValueError(f"sg_cap must be > 0 (or None: no cap), got {sg_cap}")
 
+    def check_optimizer(self, model_params, optimizer):
+        """One-line errors for a synthesizer that shares parameters with the model or that
+        no optimizer steps."""
+        model_ids = {id(p) for p in model_params}
+        if any(id(p) in model_ids for p in self.params):
+            raise ValueError("the synthesizer's parameters must not be part of the model")
+        if optimizer is None:
+            return
+        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in self.params if id(p) not in in_opt]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} synthesizer parameters are in no optimizer; add them to the "
+                "optimizer (e.g. list(model.parameters()) + list(synth.parameters())) or pass "
+                "synth_optimizer"
+            )
+
     @property
     def synthesizer(self):
         return self.interface.synthesizer

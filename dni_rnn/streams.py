@@ -6,6 +6,27 @@ from . import nest
 from .metrics import read_values
 
 
+def check_streams(inputs, targets, resets=None):
+    """One-line errors for streams that are not time-major `(N, B, ...)` alike."""
+    if inputs.dim() < 2 or targets.dim() < 2 or inputs.shape[:2] != targets.shape[:2]:
+        raise ValueError(
+            f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be "
+            "time-major streams (N, B, ...) with the same N and B"
+        )
+    if resets is not None and tuple(resets.shape) != tuple(inputs.shape[:2]):
+        raise ValueError(f"resets must have shape {tuple(inputs.shape[:2])}, got {tuple(resets.shape)}")
+
+
+def initial_state(model, inputs, state=None):
+    """`state`, or the model's `init_state(B)` for streams `inputs` when it is None."""
+    if state is not None:
+        return state
+    init = getattr(model, "init_state", None)
+    if init is None:
+        raise ValueError("pass an initial state, or give the model init_state(batch_size)")
+    return init(inputs.shape[1])
+
+
 def zero_streams(state, mask, batch_dim=None):
     """Zero the streams where `mask` (B,) is True, keeping the graph elsewhere."""
     if not bool(mask.any()):
@@ -70,8 +91,7 @@ def evaluate(model, loss_fn, inputs, targets, state=None, resets=None, chunk_len
     Returns:
         (mean loss, final state)
     """
-    if state is None:
-        state = model.init_state(inputs.shape[1])
+    state = initial_state(model, inputs, state)
     was_training = model.training
     model.eval()
     losses, weights, N = [], [], inputs.shape[0]

@@ -20,8 +20,9 @@ import torch
 from . import deferred, nest
 from .dni_step import DNIStep
 from .metrics import ChunkMetrics, read_metrics, read_values  # noqa: F401 (public here too)
-from .streams import evaluate, forward_with_resets, zero_streams  # noqa: F401 (public here too)
-from .truncation import as_schedule
+from .streams import (check_streams, evaluate, forward_with_resets, initial_state,  # noqa: F401
+                      zero_streams)
+from .truncation import as_schedule, next_length
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,9 +41,8 @@ class TBPTTRunner:
         truncation: chunk length: an int, or a schedule `() -> int` (see `RandomTruncation`).
         synthesizer: module `(state, context) -> gradient estimate` shaped like the state
             (e.g. `StateSynthesizer.mlp(state_dim(state))`); None: plain TBPTT.
-        clip: max gradient norm of the model's parameters (None: no clip).
-        synth_clip: max gradient norm of the synthesizer's parameters, clipped separately
-            (a shared clip measurably hurts; docs/dni.md).
+        clip, synth_clip: max gradient norms of the model's and, clipped apart, the
+            synthesizer's parameters (None: no clip; a shared clip hurts, docs/dni.md).
         synth_optimizer: an optimizer of its own for the synthesizer (and aux head).
         batch_dim: batch dimension of state tensors (None: the one before the features).
         on_nonfinite: "raise" (stop with NonFiniteLossError) or "skip" (drop the update,
@@ -60,35 +60,29 @@ class TBPTTRunner:
                  target_scale="rms", sg_cap=1.0, guard=True, calibrate=False, aux_head=None,
                  aux_weight=0.0, synth_optimizer=None, batch_dim=None, on_nonfinite="raise",
                  sync=None, replay=0, replay_chunks=32, dni=None):
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.sync = sync
-        self.schedule = as_schedule(truncation)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if dni is not None and synthesizer is not None:
-            raise ValueError("pass the synthesizer either to TBPTTRunner or to its DNIStep, "
-                             "not both")
+            raise ValueError("pass the synthesizer to TBPTTRunner or to its DNIStep, not both")
         if aux_weight and synthesizer is None and dni is None:
             raise ValueError("DNI + Aux needs a synthesizer")
-        if dni is not None and sync is not None:  # a rank's trigger gradients are W x one
-            dni.target_scale = sync.local_target_scale(dni.target_scale)  # process's
-        elif dni is None and synthesizer is not None:
-            if sync is not None:
-                target_scale = sync.local_target_scale(target_scale)
+        if dni is None and synthesizer is not None:
             dni = DNIStep(synthesizer, sg_scale=sg_scale, bootstrap=bootstrap, warmup=warmup,
                           target_scale=target_scale, sg_cap=sg_cap, guard=guard,
                           calibrate=calibrate, aux_head=aux_head, aux_weight=aux_weight,
                           batch_dim=batch_dim, replay=replay, replay_chunks=replay_chunks)
-        elif synthesizer is None and dni is None:
+        elif dni is None:
             DNIStep.check_settings(sg_scale, bootstrap, target_scale, sg_cap)
-        self.dni = dni
-        self.clip, self.synth_clip = clip, synth_clip
-        self.synth_optimizer, self.batch_dim = synth_optimizer, batch_dim
-        self.on_nonfinite = on_nonfinite
+        if dni is not None and sync is not None:  # a rank's trigger gradients are W x one
+            dni.target_scale = sync.local_target_scale(dni.target_scale)  # process's
+        self.model, self.loss_fn, self.optimizer, self.sync = model, loss_fn, optimizer, sync
+        self.schedule, self.dni = as_schedule(truncation), dni
+        self.clip, self.synth_clip, self.synth_optimizer = clip, synth_clip, synth_optimizer
+        self.batch_dim, self.on_nonfinite = batch_dim, on_nonfinite
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.synth_params = dni.params if dni is not None else []
         if dni is not None:
-            self._check_params()
+            dni.check_optimizer(self.model_params, synth_optimizer or optimizer)
         self.step = 0
 
     # the DNI settings and state, where code written before DNIStep reads them
@@ -100,25 +94,6 @@ class TBPTTRunner:
     calibration = property(lambda self: self.dni.calibration if self.dni else None)
     guard = property(lambda self: self.dni.guard if self.dni else None)
     replay = property(lambda self: self.dni.replay if self.dni else None)
-
-    def _scale(self, tokens):
-        return self.dni.scale(tokens)
-
-    def _check_params(self):
-        model_ids = {id(p) for p in self.model_params}
-        if any(id(p) in model_ids for p in self.synth_params):
-            raise ValueError("the synthesizer's parameters must not be part of the model")
-        opt = self.synth_optimizer or self.optimizer
-        if opt is None:
-            return
-        in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
-        missing = [p for p in self.synth_params if id(p) not in in_opt]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} synthesizer parameters are in no optimizer; add them to the "
-                "optimizer (e.g. list(model.parameters()) + list(synth.parameters())) or pass "
-                "synth_optimizer"
-            )
 
     # ---- one chunk -------------------------------------------------------------------
 
@@ -140,9 +115,9 @@ class TBPTTRunner:
         if self.optimizer is None:
             raise ValueError("this runner has no optimizer: it can evaluate and synthesize, "
                              "not train; pass one to TBPTTRunner")
-        T, B = inputs.shape[0], inputs.shape[1]
         self._zero_grad()
-        metrics = ChunkMetrics(step=self.step, length=T, loss=math.nan, tokens=T * B)
+        metrics = ChunkMetrics(step=self.step, length=inputs.shape[0], loss=math.nan,
+                               tokens=inputs.shape[0] * inputs.shape[1])
         try:
             if self.dni is None:
                 new_state = self._plain_chunk(inputs, targets, state, resets, metrics)
@@ -156,26 +131,22 @@ class TBPTTRunner:
         except NonFiniteLossError:
             if self.on_nonfinite == "raise":
                 raise
-            self._zero_grad()
-            metrics.skipped = True
-            self.step += 1
-            return nest.map_state(torch.zeros_like, state), metrics
+            self._zero_grad()  # the update is dropped; the streams start again from zero
+            metrics.skipped, new_state = True, nest.map_state(torch.zeros_like, state)
         self.step += 1
         return nest.detach(new_state), metrics
 
     def _zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.synth_optimizer is not None:
-            self.synth_optimizer.zero_grad(set_to_none=True)
+        for opt in (self.optimizer, self.synth_optimizer):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
 
     def _plain_chunk(self, inputs, targets, state, resets, metrics):
-        outputs, new_state, _ = self._forward(inputs, state, resets)
-        loss = self._loss(outputs, targets, metrics)
+        outputs, new_state, _ = forward_with_resets(self.model, inputs, state, resets,
+                                                    self.batch_dim)
+        loss = self.loss_fn(outputs, targets)
         loss.backward()
-        self._synchronize()
-        if self.sync is not None:  # the global chunk loss (the same on every rank)
-            loss = self.sync.mean(loss)
-        norm = self._clip_model()
+        loss, norm, _ = self._after_backward(loss)
         loss, norm = read_values([loss, norm])  # the chunk's one host sync
         self._check_loss(loss, metrics)
         self._check_grad_norm(norm, metrics)
@@ -185,16 +156,14 @@ class TBPTTRunner:
         dni = self.dni
         with deferred.defer_backward():
             boundary = dni.begin(state, self.step, metrics.tokens)
-            outputs, new_state, first = self._forward(inputs, boundary.trigger, resets,
-                                                      split_first=dni.aux_on)
-            loss = self._loss(outputs, targets, metrics)
+            outputs, new_state, first = forward_with_resets(
+                self.model, inputs, boundary.trigger, resets, self.batch_dim, dni.aux_on)
+            loss = self.loss_fn(outputs, targets)
             deferred.backward(loss)
             if future:
                 dni.inject(boundary, new_state, first, next_resets)
-        injected = self._synchronize(dni.interface.last_stats, boundary.injected)
-        if self.sync is not None:
-            loss = self.sync.mean(loss)
-        norm = self._clip_model()
+        loss, norm, injected = self._after_backward(loss, dni.interface.last_stats,
+                                                    boundary.injected)
         # the chunk's one host sync: everything decided on below
         loss, norm, *numbers = read_values([loss, norm, *dni.pending(boundary), injected])
         self._check_loss(loss, metrics)
@@ -203,31 +172,25 @@ class TBPTTRunner:
         dni.keep(state)
         return new_state
 
-    def _synchronize(self, stats=None, injected=None):
-        """Data parallel: average gradients, sum trigger statistics and the injected norm
-        over the ranks, so that every rank takes the same decisions (no-op alone)."""
-        if self.sync is None:
-            return injected
-        return self.sync.after_backward(self.model_params + self.synth_params, stats,
-                                        [injected])[0]
+    def _after_backward(self, loss, stats=None, injected=None):
+        """Data parallel: average the gradients, sum the trigger statistics and the injected
+        norm over the ranks, take the global loss; then clip the model's gradients (never
+        the synthesizer's). Returns (loss, the model's gradient norm, injected)."""
+        if self.sync is not None:
+            injected = self.sync.after_backward(self.model_params + self.synth_params, stats,
+                                                [injected])[0]
+            loss = self.sync.mean(loss)
+        norm = torch.nn.utils.clip_grad_norm_(self.model_params,
+                                              self.clip if self.clip else math.inf)
+        return loss, norm, injected
 
     @torch.no_grad()
     def synthetic_gradient(self, state, tokens):
-        """The synthetic gradient this runner would inject at a boundary with `state`, before
-        beta: the synthesizer's output in gradient units, capped; zeros for plain TBPTT.
-
-        Args:
-            state: the state at the boundary.
-            tokens: steps x streams of a chunk (for `target_scale="sum"`).
-        """
+        """What this runner would inject at a boundary with `state` (a chunk of `tokens`
+        steps x streams), before beta: g_hat in gradient units, capped; zeros without DNI."""
         if self.dni is None:
             return nest.map_state(torch.zeros_like, nest.detach(state))
         return self.dni.synthesize(state, self.dni.scale(tokens))[0]
-
-    def _loss(self, outputs, targets, metrics):
-        loss = self.loss_fn(outputs, targets)
-        metrics.loss = loss.detach()
-        return loss
 
     def _check_loss(self, loss, metrics):
         """After the backward, before anything else changes: a non-finite loss stops here."""
@@ -235,15 +198,8 @@ class TBPTTRunner:
         if not math.isfinite(loss):
             if self.dni is not None:
                 self.dni.forget_reference()
-            raise NonFiniteLossError(
-                f"chunk {self.step}: loss is {loss}; lower the learning rate or "
-                "tighten clip, or pass on_nonfinite='skip'"
-            )
-
-    def _clip_model(self):
-        """Clip the model's gradients (never the synthesizer's); their norm, on the device."""
-        return torch.nn.utils.clip_grad_norm_(self.model_params,
-                                              self.clip if self.clip else math.inf)
+            raise NonFiniteLossError(f"chunk {self.step}: loss is {loss}; lower the learning "
+                                     "rate or tighten clip, or pass on_nonfinite='skip'")
 
     def _check_grad_norm(self, norm, metrics):
         metrics.grad_norm = norm
@@ -253,12 +209,9 @@ class TBPTTRunner:
     def _step(self):
         if self.synth_clip and self.synth_params:
             torch.nn.utils.clip_grad_norm_(self.synth_params, self.synth_clip)
-        self.optimizer.step()
-        if self.synth_optimizer is not None:
-            self.synth_optimizer.step()
-
-    def _forward(self, inputs, state, resets, split_first=False):
-        return forward_with_resets(self.model, inputs, state, resets, self.batch_dim, split_first)
+        for opt in (self.optimizer, self.synth_optimizer):
+            if opt is not None:
+                opt.step()
 
     # ---- whole streams -----------------------------------------------------------------
 
@@ -277,14 +230,14 @@ class TBPTTRunner:
             start: the step to start from.
             final: the streams end at N: no synthetic gradient after the last chunk.
         """
-        self._check_streams(inputs, targets, resets)
-        state = self._initial_state(inputs, state)
+        check_streams(inputs, targets, resets)
+        state = initial_state(self.model, inputs, state)
         self.model.train()
         if self.interface is not None:
             self.interface.train()
         a, N = start, inputs.shape[0]
         while a < N:
-            b = min(a + self._next_length(), N)
+            b = min(a + next_length(self.schedule), N)
             state, metrics = self.train_chunk(
                 inputs[a:b], targets[a:b], state,
                 resets=resets[a:b] if resets is not None else None,
@@ -294,17 +247,8 @@ class TBPTTRunner:
             a = b
 
     def run(self, inputs, targets, state=None, resets=None, on_chunk=None, final=True):
-        """Train over time-major streams chunk by chunk (all of `walk`).
-
-        Args:
-            inputs, targets: `(N, B, ...)`.
-            state: the initial state (None: `model.init_state(B)`).
-            resets: optional `(N, B)` bool marks of sequence starts (state zeroed there).
-            on_chunk: called with each ChunkMetrics (logging, progress bars).
-            final: the streams end here: no synthetic gradient after the last chunk.
-        Returns:
-            (state, list of ChunkMetrics)
-        """
+        """All of `walk` (the same arguments): `on_chunk` is called with each ChunkMetrics
+        (logging, progress bars). Returns (the final state, list of ChunkMetrics)."""
         history = []
         for _, state, metrics in self.walk(inputs, targets, state, resets, final=final):
             history.append(metrics)
@@ -314,43 +258,15 @@ class TBPTTRunner:
 
     def evaluate(self, inputs, targets, state=None, resets=None, chunk_length=None):
         """`evaluate(self.model, self.loss_fn, ...)` in chunks of T (see the free function)."""
-        self._check_streams(inputs, targets, resets)
-        state = self._initial_state(inputs, state)
+        check_streams(inputs, targets, resets)
+        state = initial_state(self.model, inputs, state)
         return evaluate(self.model, self.loss_fn, inputs, targets, state, resets,
-                        chunk_length or self._eval_length(), self.batch_dim)
-
-    def _eval_length(self):
-        return getattr(self.schedule, "length", 35)
-
-    def _next_length(self):
-        length = self.schedule()
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"the truncation schedule gave {length!r}; chunk lengths must be ints >= 1")
-        return length
-
-    def _initial_state(self, inputs, state):
-        if state is not None:
-            return state
-        init = getattr(self.model, "init_state", None)
-        if init is None:
-            raise ValueError("pass an initial state, or give the model init_state(batch_size)")
-        return init(inputs.shape[1])
-
-    @staticmethod
-    def _check_streams(inputs, targets, resets):
-        if inputs.dim() < 2 or targets.dim() < 2 or inputs.shape[:2] != targets.shape[:2]:
-            raise ValueError(
-                f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be "
-                "time-major streams (N, B, ...) with the same N and B"
-            )
-        if resets is not None and tuple(resets.shape) != tuple(inputs.shape[:2]):
-            raise ValueError(f"resets must have shape {tuple(inputs.shape[:2])}, got {tuple(resets.shape)}")
+                        chunk_length or getattr(self.schedule, "length", 35), self.batch_dim)
 
     # ---- checkpoints -------------------------------------------------------------------
 
     def state_dict(self):
-        """Runner state for resuming: the step count, the truncation schedule's generator
-        and the DNI step's state."""
+        """For resuming: the step count, the truncation schedule's and the DNI step's state."""
         sched = self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else {}
         return {"step": self.step, "schedule": sched,
                 **(self.dni.state_dict() if self.dni is not None else {})}

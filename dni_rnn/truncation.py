@@ -66,6 +66,14 @@ def check_length(length):
     return length
 
 
+def next_length(schedule):
+    """The schedule's next chunk length, checked: a schedule that gives a non-int fails here."""
+    length = schedule()
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"the truncation schedule gave {length!r}; chunk lengths must be ints >= 1")
+    return length
+
+
 def as_schedule(truncation):
     """An int becomes a FixedTruncation; a callable schedule is returned as is."""
     if callable(truncation):

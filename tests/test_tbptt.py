@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import dni_rnn as dni
+from dni_rnn.streams import forward_with_resets
 from helpers import (EXACT, BiasSynthesizer, OracleSynthesizer, RecordingOptimizer, chunk_loss,
                      full_bptt, make_problem)
 
@@ -71,7 +72,7 @@ def bootstrap_target(lam, beta=0.1, target_scale="raw"):
                              sg_scale=beta, bootstrap=lam, **{**EXACT, "target_scale": target_scale})
     runner.train_chunk(x[:4], y[:4], state)
     n_model = len(list(model.parameters()))
-    scale = runner._scale(4 * 3)
+    scale = runner.dni.scale(4 * 3)
     batch = state[0].shape[1]
     got = [(p.detach() - g * batch / 2) / scale for p, g in zip(synth.biases, opt.total[n_model:])]
     # the autograd definition: dL_k/ds_k + lambda * J_k^T g_hat_{k+1}, g_hat = message / scale
@@ -176,7 +177,7 @@ def test_per_stream_reset_zeroes_only_masked_streams_and_stops_gradient():
     resets = torch.zeros(6, 3, dtype=torch.bool)
     resets[3, 1] = True
     leaf = tuple(t.clone().requires_grad_() for t in state)
-    out, final, _ = runner._forward(x, leaf, resets)
+    out, final, _ = forward_with_resets(model, x, leaf, resets)
     # manual reference: run 3 steps, zero stream 1, run the rest
     o1, s = model(x[:3], state)
     s = tuple(t.clone() for t in s)

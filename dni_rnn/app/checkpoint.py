@@ -17,6 +17,9 @@
      "world_size": processes that trained it (1 alone); "rng_ranks": each rank's "rng"
                  (None alone): a resume needs the same number of processes}
 
+Besides "format" and "version" it is `run.Run.state_dict()`, and `Run.load_state_dict`
+restores it; this module writes, reads and checks the files.
+
 Everything is loadable with `torch.load(weights_only=True)`: no pickled classes.
 Writes go to a temporary file in the same folder, are fsync'ed, then os.replace'd over
 the target, so a kill during a write leaves the old file (or none), never a broken one.
@@ -37,7 +40,6 @@ import torch
 from corpora import CorpusError, Vocabulary
 from corpora.paths import atomic_write  # one atomic write for corpora caches and checkpoints
 
-from .. import nest
 from .config import SECTIONS
 
 FORMAT = "dni_rnn-checkpoint"
@@ -204,37 +206,10 @@ def set_rng_state(state):
 
 # ---- a training run ------------------------------------------------------------------------
 
-def _state_dict(module):
-    return module.state_dict() if module is not None else None
-
-
 def run_state(run):
-    """A `run.Run` as a checkpoint: plain dicts of tensors and values. Under data
+    """A `run.Run` as a checkpoint: the format header and `run.state_dict()`. Under data
     parallelism every rank must call it (the carried states and generators are gathered)."""
-    world = run.world
-    runner = run.runner.state_dict()
-    if world.distributed and runner.get("reference") is not None:
-        # per-stream state of the runner (the calibration gate's last g_hat): gathered
-        # like the carried state; every rank agrees on whether there is one
-        runner["reference"] = world.gather_state(runner["reference"], run.runner.batch_dim)
-    return {
-        "format": FORMAT, "version": VERSION,
-        "config": run.cfg.to_dict(),
-        "model": run.model.state_dict(),
-        "synthesizer": _state_dict(run.synth),
-        "aux_head": _state_dict(run.aux),
-        "optimizer": run.optimizer.state_dict(),
-        "synth_optimizer": _state_dict(run.synth_optimizer),
-        "runner": runner,
-        "vocab": run.task.vocab.state_dict() if run.task.vocab is not None else None,
-        "task": run.task.state_dict(),
-        "progress": dataclasses.asdict(run.progress),
-        "hidden": world.gather_state(run.state, run.runner.batch_dim),
-        "stream": run.task.stream_state() if run.stream is not None else None,
-        "rng": rng_state(),
-        "world_size": world.size,
-        "rng_ranks": world.gather_objects(rng_state()) if world.distributed else None,
-    }
+    return {"format": FORMAT, "version": VERSION, **run.state_dict()}
 
 
 def check_world_size(saved, size, path):
@@ -248,35 +223,12 @@ def check_world_size(saved, size, path):
 
 
 def restore_run(run, path):
-    """Load `path` into a set-up `run.Run` (its modules built, nothing trained)."""
+    """Load `path` into a set-up `run.Run` (its modules built, nothing trained), once it is
+    known to be this run's: the same number of processes, config and vocabulary."""
     world = run.world
     # on the CPU: generator states must stay CPU ByteTensors; rank 0 reads, all receive
     c = world.on_main(lambda: load(path))
     check_world_size(int(c.get("world_size", 1)), world.size, path)
     check_compatible(c["config"], run.cfg.to_dict(), path)
     check_vocab(c["vocab"], run.task.vocab, path)
-    try:
-        run.model.load_state_dict(c["model"])
-        for module, key in ((run.synth, "synthesizer"), (run.aux, "aux_head"),
-                            (run.optimizer, "optimizer"),
-                            (run.synth_optimizer, "synth_optimizer")):
-            if module is not None:
-                module.load_state_dict(c[key])
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({first[:200]})") \
-            from None
-    runner = dict(c["runner"])
-    if runner.get("reference") is not None:  # this rank's streams of a per-stream tensor
-        runner["reference"] = world.local_state(runner["reference"], run.runner.batch_dim)
-    run.runner.load_state_dict(runner)
-    run.task.load_state_dict(c["task"])
-    progress = dict(c["progress"])
-    progress.pop("step", None)  # checkpoints before the runner's counter was the only one
-    run.progress = type(run.progress)(**progress)
-    run.state = run.stream = None
-    if c["hidden"] is not None:
-        hidden = world.local_state(c["hidden"], run.runner.batch_dim)  # this rank's columns
-        run.state = nest.map_state(lambda t: t.to(run.device), hidden)
-        run.stream = run.task.load_stream_state(c["stream"], run.device)
-    set_rng_state(c["rng_ranks"][world.rank] if c.get("rng_ranks") else c["rng"])
+    run.load_state_dict(c, path)

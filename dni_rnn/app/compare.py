@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import json
 import math
 import multiprocessing
@@ -30,6 +31,7 @@ import os
 import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..metrics import read_records
@@ -57,24 +59,72 @@ def parse_list(text, kind, name):
 
 def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=None, points=10,
           say=print, jobs=1, progress_every=30.0, budget_updates=0, report=False):
-    """Run every (method, T, seed) and write the tables and plots.
+    """Run every (method, T, seed) and write the tables and plots: `plan`, then `execute`
+    (reusing the runs finished before), then `write_report`.
+
+    Args: those of `plan` and `execute`, and
+        say: where progress lines go.
+        report: train nothing; write the tables, CSV and plots of the runs finished so far
+            (a sweep still running elsewhere, or one cut short), naming those left out.
+    Returns:
+        list of result rows (dicts), one per (method, T).
+    """
+    planned = plan(cfg, truncations, methods, seeds, budget_tokens, out_dir, points,
+                   budget_updates)
+    for run_dir, summary in planned.summaries.items():
+        if summary is not None:
+            say(f"{planned.label(run_dir)}: done before, reused")
+    if report:
+        pending = planned.pending
+        if pending:
+            say(f"--report: {len(pending)} of {len(planned.configs)} runs not finished, "
+                "left out: " + ", ".join(d.name for d in pending))
+        if len(pending) == len(planned.configs):
+            raise ConfigError(f"--report: no finished run in {planned.out}; run the sweep first")
+    else:
+        execute(planned, data_dir, say, jobs, progress_every)
+    return write_report(planned, say)
+
+
+@dataclass
+class Plan:
+    """A sweep: its grid and budget, and per run (in grid order: method, then T, then seed)
+    its Config and, once finished, its summary."""
+    out: Path
+    methods: list
+    truncations: list
+    seeds: list
+    budget: int
+    unit: str  # what `budget` counts: "tokens" or "updates"
+    configs: dict  # run directory -> its Config
+    summaries: dict  # run directory -> its summary (None: not finished)
+
+    @property
+    def pending(self):
+        """The directories of the runs not finished, in grid order."""
+        return [d for d, summary in self.summaries.items() if summary is None]
+
+    def label(self, run_dir):
+        """'[3/8] dni T=2 seed=1': where the run stands in the sweep, and what it trains."""
+        c = self.configs[run_dir]
+        k = list(self.configs).index(run_dir) + 1
+        return (f"[{k}/{len(self.configs)}] {c.dni.method} T={c.train.truncation} "
+                f"seed={c.train.seed}")
+
+
+def plan(cfg, truncations, methods, seeds, budget_tokens, out_dir, points=10, budget_updates=0):
+    """One Config per (method, T, seed) with its directory OUT/<method>-T<T>-s<seed>, and the
+    summaries of the runs finished there before. Creates `out_dir`.
 
     Args:
         cfg: the recipe's Config (its own method, truncation and seed are replaced).
         truncations, methods, seeds: the grid.
         budget_tokens: training tokens per run (0: the recipe's own budget).
-        budget_updates: updates per run instead of a token budget (0: none).
         out_dir: where runs, tables and plots go.
-        data_dir: the corpus directory (--data-dir).
         points: validations per run (evenly spaced in tokens).
-        say: where progress lines go.
-        jobs: runs trained at once, each in its own process with cores / jobs threads
-            (0: as many as there are cores, at most the runs left).
-        progress_every: seconds between progress lines of running jobs.
-        report: train nothing; write the tables, CSV and plots of the runs finished so far
-            (a sweep still running elsewhere, or one cut short), naming those left out.
-    Returns:
-        list of result rows (dicts), one per (method, T).
+        budget_updates: updates per run instead of a token budget (0: none).
+    Raises ConfigError on a bad grid or budget, an output directory that is not writable,
+    or a run directory holding a run of another configuration.
     """
     for m in methods:
         if m not in METHODS:
@@ -94,9 +144,8 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output directory {out} is not writable ({e.strerror or e})") from None
-    grid = [(method, T, seed) for method in methods for T in truncations for seed in seeds]
     configs, summaries = {}, {}
-    for k, (method, T, seed) in enumerate(grid, start=1):
+    for method, T, seed in itertools.product(methods, truncations, seeds):
         c = copy.deepcopy(cfg)
         c.dni.method, c.train.truncation, c.train.seed = method, T, seed
         c.train.epochs = max(c.train.epochs, 10**6)  # the budget decides
@@ -110,40 +159,48 @@ def sweep(cfg, truncations, methods, seeds, budget_tokens, out_dir, data_dir=Non
         c.train.out_dir = ""
         validate(c)
         run_dir = out / run_name(method, T, seed)
+        configs[run_dir] = c
         summaries[run_dir] = _finished(run_dir, c)
-        if summaries[run_dir] is not None:
-            say(f"[{k}/{len(grid)}] {method} T={T} seed={seed}: done before, reused")
-        configs[run_dir] = (k, c)
-    pending = [d for d in configs if summaries[d] is None]
+    return Plan(out, methods, truncations, seeds, budget, unit, configs, summaries)
+
+
+def execute(plan, data_dir=None, say=print, jobs=1, progress_every=30.0):
+    """Train the plan's pending runs (resuming any cut short) and fill in their summaries.
+
+    Args:
+        data_dir: the corpus directory (--data-dir).
+        jobs: runs trained at once, each in its own process with cores / jobs threads
+            (0: as many as there are cores, at most the runs left).
+        progress_every: seconds between progress lines of running jobs.
+    """
+    pending = plan.pending
     jobs = jobs or min(os.cpu_count() or 1, max(len(pending), 1))
-    if report:
-        if pending:
-            say(f"--report: {len(pending)} of {len(grid)} runs not finished, left out: "
-                + ", ".join(d.name for d in pending))
-        grid = [g for g in grid if summaries[out / run_name(*g)] is not None]
-        if not grid:
-            raise ConfigError(f"--report: no finished run in {out}; run the sweep first")
-    elif jobs <= 1:
-        for d in pending:
-            k, c = configs[d]
-            say(f"[{k}/{len(grid)}] {c.dni.method} T={c.train.truncation} "
-                f"seed={c.train.seed} -> {d}")
-            summaries[d] = train(c, out_dir=d, resume=(d / "last.pt").is_file(),
-                                 data_dir=data_dir, quiet=True)
+    if jobs > 1:
+        plan.summaries.update(_parallel(plan, pending, jobs, data_dir, say, progress_every))
     else:
-        summaries.update(_parallel(configs, pending, len(grid), jobs, (budget, unit), data_dir,
-                                   say, progress_every))
+        for d in pending:
+            say(f"{plan.label(d)} -> {d}")
+            plan.summaries[d] = train(plan.configs[d], out_dir=d,
+                                      resume=(d / "last.pt").is_file(), data_dir=data_dir,
+                                      quiet=True)
+
+
+def write_report(plan, say=print):
+    """results.md, results.csv, runs.csv and the plots of the plan's finished runs, in OUT.
+
+    Returns the result rows (dicts), one per (method, T) with a finished run."""
     runs = []
-    for m, T, s in grid:
-        d = out / run_name(m, T, s)
-        runs.append({"method": m, "T": T, "seed": s, "summary": summaries[d],
-                     "curve": _curve(d, summaries[d]["metric"])})
-    rows = _rows(runs, methods, truncations)
+    for d, summary in plan.summaries.items():
+        if summary is not None:
+            c = plan.configs[d]
+            runs.append({"method": c.dni.method, "T": c.train.truncation, "seed": c.train.seed,
+                         "summary": summary, "curve": _curve(d, summary["metric"])})
+    rows = _rows(runs, plan.methods, plan.truncations)
     metric = METRICS[runs[0]["summary"]["metric"]]
-    write_tables(rows, metric, out, budget, seeds, unit)
-    write_runs(runs, out)
-    plotted = plot(runs, metric, out)
-    say(f"wrote {out / 'results.md'} and {out / 'results.csv'}"
+    write_tables(rows, metric, plan.out, plan.budget, plan.seeds, plan.unit)
+    write_runs(runs, plan.out)
+    plotted = plot(runs, metric, plan.out)
+    say(f"wrote {plan.out / 'results.md'} and {plan.out / 'results.csv'}"
         + (f"; plots {', '.join(str(p) for p in plotted)}" if plotted else
            "; no plots (pip install matplotlib)"))
     return rows
@@ -157,16 +214,16 @@ def _train_job(config, run_dir, data_dir):
                  quiet=True)
 
 
-def _parallel(configs, pending, total, jobs, budget, data_dir, say, progress_every):
-    """Train `pending` runs `jobs` at a time, cores / jobs threads each; progress lines."""
+def _parallel(plan, pending, jobs, data_dir, say, progress_every):
+    """Train `pending` runs `jobs` at a time, cores / jobs threads each; progress lines.
+    Returns {run directory: summary}."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     say(f"{len(pending)} runs, {jobs} at a time, {threads} torch thread(s) each")
     done = {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {}
         for d in pending:
-            k, c = configs[d]
-            c = copy.deepcopy(c)
+            c = copy.deepcopy(plan.configs[d])
             c.train.threads, c.train.progress = threads, False
             futures[pool.submit(_train_job, c.to_dict(), str(d), data_dir)] = d
         waiting, last = set(futures), time.monotonic()
@@ -176,18 +233,14 @@ def _parallel(configs, pending, total, jobs, budget, data_dir, say, progress_eve
             for f in finished:
                 d = futures[f]
                 done[d] = f.result()  # a failed run raises here, naming its error
-                k, c = configs[d]
-                say(f"[{k}/{total}] {c.dni.method} T={c.train.truncation} seed={c.train.seed}: "
-                    f"done in {done[d]['elapsed_s']:.0f}s -> {d}")
+                say(f"{plan.label(d)}: done in {done[d]['elapsed_s']:.0f}s -> {d}")
             if time.monotonic() - last >= progress_every:
                 last = time.monotonic()
                 for f in waiting:
                     d = futures[f]
-                    line = _progress_line(d, budget)
+                    line = _progress_line(d, (plan.budget, plan.unit))
                     if line:
-                        k, c = configs[d]
-                        say(f"[{k}/{total}] {c.dni.method} T={c.train.truncation} "
-                            f"seed={c.train.seed}: {line} -> {d}")
+                        say(f"{plan.label(d)}: {line} -> {d}")
     return done
 
 

@@ -17,7 +17,7 @@ score and whether it is done. Bit-exact resume (on CPU): a checkpoint holds the 
 optimizers, runner, task, the position in the stream, the carried state and every
 generator's state, saved at a chunk boundary: after a validation, every
 `train.checkpoint_minutes` / `train.checkpoint_every`, and on SIGINT / SIGTERM
-(`stopping.py`; `checkpoint.run_state`).
+(`stopping.py`; `Run.state_dict`).
 
 Under torchrun (`distributed.py`) every rank runs the same Run on its own block of the
 streams: the runner averages the gradients, the task reduces the evaluation, the
@@ -39,6 +39,7 @@ import torch
 from . import checkpoint as ckpt
 from .. import diagnostics
 from .. import distributed
+from .. import nest
 from .config import ConfigError, horizons, target_scale
 from .logs import Meter, NullLog, RunLog, progress_bar
 from .stopping import RunInterrupted, StopSignals
@@ -99,6 +100,10 @@ def build_optimizers(cfg, model, synth, aux):
         optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
     synth_optimizer = torch.optim.Adam(extra, lr=cfg.dni.synth_lr) if own else None
     return optimizer, synth_optimizer
+
+
+def _state_dict_or_none(module):
+    return module.state_dict() if module is not None else None
 
 
 @dataclasses.dataclass
@@ -390,6 +395,75 @@ class Run:
         if n is not None and self.task.epoch_based:
             bounds.append(t.epochs * math.ceil(n / t.truncation))
         return min(bounds) if bounds else None
+
+    # ---- state (what a checkpoint holds) ----------------------------------------------
+
+    def state_dict(self):
+        """The run as plain dicts of tensors and values: a checkpoint without its format
+        header (`checkpoint.run_state`). Under data parallelism every rank must call it: the
+        carried states and generators are gathered."""
+        w, batch_dim = self.world, self.runner.batch_dim
+        runner = self.runner.state_dict()
+        if w.distributed and runner.get("reference") is not None:
+            # per-stream state of the runner (the calibration gate's last g_hat): gathered
+            # like the carried state; every rank agrees on whether there is one
+            runner["reference"] = w.gather_state(runner["reference"], batch_dim)
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "synthesizer": _state_dict_or_none(self.synth),
+            "aux_head": _state_dict_or_none(self.aux),
+            "optimizer": self.optimizer.state_dict(),
+            "synth_optimizer": _state_dict_or_none(self.synth_optimizer),
+            "runner": runner,
+            "vocab": self.task.vocab.state_dict() if self.task.vocab is not None else None,
+            "task": self.task.state_dict(),
+            "progress": dataclasses.asdict(self.progress),
+            "hidden": w.gather_state(self.state, batch_dim),
+            "stream": self.task.stream_state() if self.stream is not None else None,
+            "rng": ckpt.rng_state(),
+            "world_size": w.size,
+            "rng_ranks": w.gather_objects(ckpt.rng_state()) if w.distributed else None,
+        }
+
+    def load_state_dict(self, state_dict, path=None):
+        """Restore `state_dict()` into this set-up run (its modules built, nothing trained);
+        the caller has checked that it is this run's (`checkpoint.restore_run`).
+
+        Args:
+            state_dict: what `state_dict()` returned, or a checkpoint read back.
+            path: the checkpoint it was read from, for the error message.
+        Raises:
+            CheckpointError: the model, synthesizer, aux head or an optimizer does not fit.
+        """
+        w, batch_dim = self.world, self.runner.batch_dim
+        try:
+            self.model.load_state_dict(state_dict["model"])
+            for module, key in ((self.synth, "synthesizer"), (self.aux, "aux_head"),
+                                (self.optimizer, "optimizer"),
+                                (self.synth_optimizer, "synth_optimizer")):
+                if module is not None:
+                    module.load_state_dict(state_dict[key])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            source = f"checkpoint {path}" if path is not None else "the state"
+            raise ckpt.CheckpointError(f"{source} does not fit this model ({first[:200]})") \
+                from None
+        runner = dict(state_dict["runner"])
+        if runner.get("reference") is not None:  # this rank's streams of a per-stream tensor
+            runner["reference"] = w.local_state(runner["reference"], batch_dim)
+        self.runner.load_state_dict(runner)
+        self.task.load_state_dict(state_dict["task"])
+        progress = dict(state_dict["progress"])
+        progress.pop("step", None)  # checkpoints before the runner's counter was the only one
+        self.progress = Progress(**progress)
+        self.state = self.stream = None
+        if state_dict["hidden"] is not None:
+            hidden = w.local_state(state_dict["hidden"], batch_dim)  # this rank's columns
+            self.state = nest.map_state(lambda t: t.to(self.device), hidden)
+            self.stream = self.task.load_stream_state(state_dict["stream"], self.device)
+        ckpt.set_rng_state(state_dict["rng_ranks"][w.rank] if state_dict.get("rng_ranks")
+                           else state_dict["rng"])
 
     # ---- cleanup ----------------------------------------------------------------------
 
