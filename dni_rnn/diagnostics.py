@@ -37,7 +37,7 @@ def future_gradients(model, loss_fn, inputs, targets, state, T, horizons, resets
         inputs, targets: `(N, B, ...)` time-major, starting right after the boundary.
         state: the state at the boundary (not modified).
         T: chunk length.
-        horizons: the K to report, each with K * T <= N.
+        horizons: the K to report, each with (K - 1) * T < N (the last chunk may be short).
         resets: optional `(N, B)` bool.
     Returns:
         {K: g_K} with g_K structured like `state`.
@@ -92,10 +92,12 @@ def diagnose(runner, inputs, targets, state, T, horizons, resets=None, train_bat
 
     Returns:
         a flat dict (cos_k{K}, relerr_k{K}, true_norm_k{K}, synthetic_norm, seconds); the
-        horizons that do not fit into `inputs` are left out.
+        horizons whose K-th chunk would start past the end of `inputs` are left out.
     """
     t0 = time.perf_counter()
-    fits = [K for K in horizons if K * T <= inputs.shape[0]]
+    # K fits when its K-th chunk starts inside the stream; the last one may be shorter, as
+    # the walk cuts a stream's (or an episode's) last chunk
+    fits = [K for K in horizons if (K - 1) * T < inputs.shape[0]]
     if not fits or (resets is not None and bool(resets[0].all())):
         return {}  # nothing fits, or every stream restarts here: no future to compare
     truths = future_gradients(runner.model, runner.loss_fn, inputs, targets, state, T, fits,

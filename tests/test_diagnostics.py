@@ -94,3 +94,15 @@ def test_streams_that_restart_at_the_boundary_get_no_synthetic_gradient():
     assert r["cos_k1"] == pytest.approx(1.0, abs=1e-12)  # the oracle, masked as in training
     resets[0] = True
     assert diagnose(runner, x[4:], y[4:], values[0], 4, [1], resets) == {}
+
+
+def test_a_short_last_chunk_is_the_whole_future():
+    # 10 steps, T = 4: the boundary at step 8 has 2 steps left, one short chunk, as the walk
+    # cuts it; g_1 there is the exact future gradient and no K = 2 is claimed
+    model, x, y, state = make_problem(n_steps=10)
+    _, values, future = full_bptt(model, x, y, state, 4)
+    runner = dni.TBPTTRunner(model, chunk_loss, None, truncation=4,
+                             synthesizer=OracleSynthesizer(values, future), **EXACT)
+    r = diagnose(runner, x[8:], y[8:], values[1], 4, [1, 2])
+    assert r["cos_k1"] == pytest.approx(1.0, abs=1e-12) and r["relerr_k1"] < 1e-10
+    assert "cos_k2" not in r
