@@ -21,11 +21,30 @@ from .wrapper import DNI
 
 __version__ = "0.1.0"
 
+
+def load(path, device="auto"):
+    """A trained run in one's own code: its model (eval mode), tokenizer and config.
+
+    Args:
+        path: a run directory (its best.pt, else last.pt) or a checkpoint file.
+        device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+    Returns:
+        `dni_rnn.app.trained.Trained`: `.model`, `.tokenizer` (encode / decode text as
+        training did), `.config`, `.state(batch)`.
+    Raises:
+        CheckpointError, ConfigError: one line saying what is wrong with the file.
+    """
+    # the one door from the library to the application, opened on call: `import dni_rnn`
+    # loads none of it (tests/test_layers.py)
+    from .app.trained import load as load_run
+    return load_run(path, device=device)
+
+
 __all__ = [
     "nest", "distributed", "BackwardInterface", "ForwardInterface", "BidirectionalInterface", "TriggerStats",
     "BasicSynthesizer", "StateSynthesizer", "state_dim", "synthesizer_context",
     "current_context", "DeferredBackward", "defer_backward", "backward",
     "TBPTTRunner", "DNIStep", "evaluate", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
     "RandomTruncation", "RNNLanguageModel", "SequenceModel", "CellLoop",
-    "LayerNormLSTMCell", "MinimalGRUCell", "DNI",
+    "LayerNormLSTMCell", "MinimalGRUCell", "DNI", "load",
 ]

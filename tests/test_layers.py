@@ -21,10 +21,10 @@ def library_modules():
                   if SHIM not in p.read_text() and p.name != "__main__.py")
 
 
-def imported(path):
+def imported(path, tree=None):
     """(relative module names, absolute top-level names) that a file imports."""
     relative, absolute = set(), set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree or ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 names = [node.module] if node.module else [a.name for a in node.names]
@@ -36,11 +36,23 @@ def imported(path):
     return relative, absolute
 
 
+def top_level_imports(path):
+    """`imported` without the imports inside functions: `dni_rnn.load` reaches the
+    application on call, the one import the rule allows (and only in __init__.py)."""
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and path.name == "__init__.py" \
+                and node.name == "load":
+            tree.body.remove(node)
+            break
+    return imported(path, tree)
+
+
 def test_the_library_imports_nothing_of_the_application():
     app = set(shims()) | {"app"}
     assert {"config", "run", "cli", "tasks"} <= app
     for path in library_modules():
-        relative, absolute = imported(path)
+        relative, absolute = top_level_imports(path)
         assert not relative & app, f"{path.name} imports the application: {relative & app}"
         assert "corpora" not in absolute, f"{path.name} imports corpora"
 

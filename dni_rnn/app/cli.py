@@ -1,10 +1,12 @@
-"""`dni-rnn` on the command line: train, evaluate, compare, recipes.
+"""`dni-rnn` on the command line: train, evaluate, generate, score, compare, recipes.
 
     dni-rnn train [RECIPE] [--set section.key=value ...] [--data-dir D] [--out RUN_DIR] [--resume]
     torchrun --nproc_per_node=N -m dni_rnn train RECIPE ...   (data parallel, distributed.py)
     dni-rnn demo [--set section.key=value ...] [--out DIR]
     dni-rnn evaluate RUN_DIR_OR_CHECKPOINT [--split test] [--data-dir D]
     dni-rnn diagnose RUN_DIR [--horizons 1,2,4,8] [--boundaries 16] [--split valid]
+    dni-rnn generate RUN_DIR [--prompt TEXT] [--tokens 50] [--temperature 1] [--top-k 0] [--seed S]
+    dni-rnn score RUN_DIR FILE... [--json]
     dni-rnn compare RECIPE --truncations 2,3,5 --methods bptt,dni [--budget-tokens N]
                     [--seeds 1,2] [--jobs N] [--out DIR]
     dni-rnn recipes
@@ -75,6 +77,26 @@ def build_parser():
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("generate", help="sample text from a language-model run (a copy-task "
+                       "run: one episode and the model's answer)")
+    s.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    s.add_argument("--prompt", default="", help="text to continue, read with the run's tokenizer")
+    s.add_argument("--tokens", type=int, default=50, help="tokens to sample (<eos> counts)")
+    s.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits (0: always the most likely token)")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    s.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.set_defaults(func=cmd_generate)
+
+    o = sub.add_parser("score", help="perplexity (or bits per character) of text files "
+                       "under a language-model run")
+    o.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    o.add_argument("files", metavar="FILE", nargs="+", help="text files (UTF-8)")
+    o.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    o.add_argument("--json", action="store_true", help="print the result as JSON")
+    o.set_defaults(func=cmd_score)
 
     g = sub.add_parser("diagnose", help="synthetic against true future gradients of a saved run")
     g.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -179,6 +201,63 @@ def cmd_evaluate(args):
         return 0
     text = r["text"]
     print(f"{r['recipe']} {r['split']}: {text} | {r['checkpoint']} at step {r['step']}")
+    return 0
+
+
+def cmd_generate(args):
+    from .config import ConfigError
+    from .sampling import copy_episode, generate, prompt_ids
+    from .trained import load
+
+    if args.tokens < 0 or args.temperature < 0 or args.top_k < 0:
+        raise ConfigError("--tokens, --temperature and --top-k must be >= 0")
+    run = load(args.path, device=args.device)
+    if not run.is_language_model:
+        if args.prompt:
+            print(f"{PROG}: note: a {run.config.data.corpus} run reads no prompt",
+                  file=sys.stderr)
+        print("\n".join(copy_episode(run, seed=args.seed)))
+        return 0
+    _, unknown = prompt_ids(run.tokenizer, args.prompt)
+    if unknown:
+        fate = "read as <unk>" if run.vocab.unk is not None else "left out (no <unk>)"
+        print(f"{PROG}: note: not in the vocabulary, {fate}: "
+              f"{', '.join(map(repr, unknown))}", file=sys.stderr)
+    import torch
+
+    # one token a step: on the CPU, threads cost more than they save (measured on 2 busy
+    # cores: 15x slower with two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if run.device.type == "cpu" else threads)
+    text = ""
+    try:
+        for text in generate(run, args.prompt, args.tokens, args.temperature, args.top_k,
+                             args.seed):
+            print(text, end="", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    if not text.endswith("\n"):
+        print()
+    return 0
+
+
+def cmd_score(args):
+    from .scoring import score
+    from .tasks import METRICS
+    from .trained import load
+
+    r = score(load(args.path, device=args.device), args.files)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    m, width = r["metric"], max(len(f["file"]) for f in r["files"] + [{"file": "total"}])
+    print(f"{r['checkpoint']} (step {r['step']}), {r['tokenizer']} tokens, "
+          f"{r['streams']} streams, T={r['T']}")
+    print(f"{'file':<{width}}  {'tokens':>10}  {'<unk>':>8}  {'loss':>7}  {m:>9}")
+    digits = METRICS[m].digits
+    for f in r["files"] + [{"file": "total", **r["total"]}]:
+        print(f"{f['file']:<{width}}  {f['tokens']:>10,}  {f['unk']:>8,}  {f['loss']:>7.4f}  "
+              f"{f[m]:>9.{digits}f}")
     return 0
 
 

@@ -95,6 +95,17 @@ def build_task(cfg, data_dir=None, world=None):
     raise ConfigError(f"data.corpus: unknown corpus {corpus!r}")  # pragma: no cover
 
 
+def language_model(m, vocab_size):
+    """The language model of `cfg.model` (`m`, a ModelConfig) over `vocab_size` ids; no data
+    needed, so a saved run can be rebuilt without its corpus (`trained.py`)."""
+    model = RNNLanguageModel(vocab_size, m.embed_dim, m.hidden_dim, m.num_layers,
+                             cell=m.cell, dropout=m.dropout, tie_weights=m.tie_weights)
+    if m.init_range:
+        for p in model.parameters():
+            torch.nn.init.uniform_(p, -m.init_range, m.init_range)
+    return model
+
+
 class LanguageModelTask:
     """Language modelling (PTB, WikiText, text files, HF datasets; `lm_data.py`), perplexity
     (words, subwords) or bits per character (characters)."""
@@ -123,13 +134,7 @@ class LanguageModelTask:
                 + (f", {int(docs.sum()):,} document starts" if docs is not None else ""))
 
     def build_model(self):
-        m = self.cfg.model
-        model = RNNLanguageModel(len(self.vocab), m.embed_dim, m.hidden_dim, m.num_layers,
-                                 cell=m.cell, dropout=m.dropout, tie_weights=m.tie_weights)
-        if m.init_range:
-            for p in model.parameters():
-                torch.nn.init.uniform_(p, -m.init_range, m.init_range)
-        return model
+        return language_model(self.cfg.model, len(self.vocab))
 
     @staticmethod
     def loss_fn(outputs, targets):
@@ -265,7 +270,8 @@ class CopyTask:
     def steps_per_stream(self):
         return None
 
-    def _block(self, batch_size, length, generator, device=None):
+    def episodes(self, batch_size, length, generator, device=None):
+        """A block of `batch_size` episodes at length N = `length` (`corpora.TaskBatch`)."""
         t = self.cfg.task
         if self.repeat:
             # the repeat count grows with the curriculum too: R = min(N, max_repeats)
@@ -279,7 +285,7 @@ class CopyTask:
     def train_stream(self, device):
         # remember how this block was drawn, so that a resumed run draws the very same one
         self._stream_seed = {"generator": self.generator.get_state(), "length": self.length}
-        return self._pack(self._block(self.cfg.data.batch_size, self.length, self.generator),
+        return self._pack(self.episodes(self.cfg.data.batch_size, self.length, self.generator),
                           device)
 
     def _pack(self, batch, device):
@@ -295,8 +301,8 @@ class CopyTask:
     def load_stream_state(self, state, device):
         after = self.generator.get_state()
         self.generator.set_state(state["generator"])
-        stream = self._pack(self._block(self.cfg.data.batch_size, state["length"],
-                                        self.generator), device)
+        stream = self._pack(self.episodes(self.cfg.data.batch_size, state["length"],
+                                          self.generator), device)
         self.generator.set_state(after)
         self._stream_seed = state
         return stream
@@ -332,8 +338,8 @@ class CopyTask:
         """Wrong bits per sequence on fixed episodes at the current length; the curriculum
         moves on once it is below the threshold."""
         seed = {"valid": 1_000_003, "test": 2_000_003}[split] + self.length
-        batch = self._block(self.cfg.task.eval_sequences, self.length,
-                            torch.Generator().manual_seed(seed))
+        batch = self.episodes(self.cfg.task.eval_sequences, self.length,
+                              torch.Generator().manual_seed(seed))
         w = self.world  # each rank its share of the sequences; the sums are reduced
         inputs, targets, mask = (w.eval_columns(t) for t in (batch.inputs, batch.targets,
                                                                batch.mask))
