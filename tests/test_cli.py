@@ -44,6 +44,15 @@ def data_dir():
     return d
 
 
+def test_decoupled_is_a_command_with_its_own_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["decoupled", "--help"])
+    assert e.value.code == 0 and "--updates" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["decoupled", "--no-such-option"])
+    assert e.value.code == 2 and "--no-such-option" in capsys.readouterr().err
+
+
 def test_recipes_lists_every_shipped_recipe():
     p = cli("recipes")
     assert p.returncode == 0, p.stderr

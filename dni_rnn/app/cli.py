@@ -10,6 +10,7 @@
     dni-rnn compare RECIPE --truncations 2,3,5 --methods bptt,dni [--budget-tokens N]
                     [--seeds 1,2] [--jobs N] [--out DIR]
     dni-rnn recipes
+    dni-rnn decoupled [--updates 1500] [--costs] ...   (app/decoupled.py; --help)
 
 RECIPE is a shipped recipe's name (`dni-rnn recipes`) or a path to a TOML file. `demo`
 (also `train` without a recipe) trains the `demo` recipe twice, with plain TBPTT and with
@@ -128,12 +129,21 @@ def build_parser():
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)
+
+    x = sub.add_parser("decoupled", add_help=False,
+                       help="lock-step against decoupled training of a two-part stack in two "
+                       "local processes (docs/distributed.md; --help for its options)")
+    x.add_argument("options", nargs=argparse.REMAINDER)
+    x.set_defaults(func=cmd_decoupled)
     return p
 
 
 def main(argv=None):
     """Entry point of the `dni-rnn` console script and `python -m dni_rnn`."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:1] + ["--"] + argv[1:] if argv[:1] == ["decoupled"]
+                             else argv)  # decoupled's options are its own parser's
     try:
         errors = _user_errors()
     except ImportError as e:  # pragma: no cover
@@ -301,6 +311,14 @@ def cmd_compare(args):
           args.budget_tokens, out, data_dir=args.data_dir, points=args.points, jobs=args.jobs,
           budget_updates=args.budget_updates, report=args.report)
     print((Path(out) / "results.md").read_text(), end="")
+    return 0
+
+
+def cmd_decoupled(args):
+    from .decoupled import main as decoupled_main
+
+    options = args.options[1:] if args.options[:1] == ["--"] else args.options
+    decoupled_main(options)
     return 0
 
 

@@ -25,7 +25,7 @@ units (T B dL/dh: O(1) per element).
 
 Measure both modes in one run (PTB characters; 2 processes on this machine):
 
-    python -m dni_rnn.decoupled --data-dir DIR --updates 1500 --json out.json
+    dni-rnn decoupled --data-dir DIR --updates 1500 --json out.json   (or python -m dni_rnn.decoupled)
 """
 from __future__ import annotations
 
@@ -341,7 +341,7 @@ def main(argv=None):
     from ..distributed import launch
     from .tasks import build_task
 
-    p = argparse.ArgumentParser(prog="python -m dni_rnn.decoupled", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="dni-rnn decoupled", description=main.__doc__)
     p.add_argument("--recipe", default="ptb-char", help="where the data comes from")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--data-dir")
