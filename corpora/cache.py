@@ -19,7 +19,7 @@ import torch
 
 from .paths import atomic_write
 
-FORMAT = 1  # bump when the tokenisation or the entry layout changes
+FORMAT = 2  # bump when the tokenisation or the entry layout changes (2: text reserves <unk>)
 
 
 def cache_key(parts: dict[str, Any]) -> str:

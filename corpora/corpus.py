@@ -10,7 +10,8 @@ Tokenisation, one straight line:
 
 The vocabulary comes from the training split only (or from the tokenizer, for
 sentencepiece). Tokens of valid/test that training never saw become ``<unk>`` where the
-vocabulary has one, and are an error naming the token, the file and the line otherwise.
+vocabulary has one (``info["unk"]`` counts them per split), and are an error naming the
+token, the file and the line otherwise.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ def _to_tensor(a: array) -> torch.Tensor:
 
 def _encode_with(stoi: dict, unk: int | None, eos_id: int | None, sources: Sequence[Source],
                  tokenize: Callable[[str], list[str]], unk_name: str, line_starts: list[int],
-                 source_starts: list[int]) -> array:
-    """Encode against a fixed token->id map; unknown tokens go to unk or raise."""
-    out = array("q")
+                 source_starts: list[int]) -> tuple[array, int]:
+    """Encode against a fixed token->id map; unknown tokens go to unk (counted) or raise."""
+    out, unknown = array("q"), 0
     for src in sources:
         source_starts.append(len(out))
         for k, line in enumerate(src.lines):
@@ -131,17 +132,20 @@ def _encode_with(stoi: dict, unk: int | None, eos_id: int | None, sources: Seque
                 if unk is None:
                     raise CorpusError(
                         f"token {e.args[0]!r} in {src.name} line {src.first_line + k} is not in "
-                        f"the training vocabulary, which has no {unk_name!r} to map it to"
+                        f"the training vocabulary ({len(stoi):,} types), which has no "
+                        f"{(unk_name or UNK)!r} to map it to"
                     ) from None
                 out.extend([stoi.get(t, unk) for t in toks])
+                unknown += sum(t not in stoi for t in toks)
             if eos_id is not None:
                 out.append(eos_id)
-    return out
+    return out, unknown
 
 
 def build_corpus(name: str, splits: dict[str, Sequence[Source]], tokenizer, *,
                  documents: str | None = None, eos: str = EOS, unk: str = UNK,
-                 max_vocab: int | None = None, min_freq: int = 1) -> Corpus:
+                 max_vocab: int | None = None, min_freq: int = 1,
+                 reserve_unk: bool = False) -> Corpus:
     """Tokenise sources into a Corpus.
 
     Args:
@@ -151,13 +155,15 @@ def build_corpus(name: str, splits: dict[str, Sequence[Source]], tokenizer, *,
         documents: None (no document mask), "source" (each source is a document) or
             "line" (each line is a document).
         eos: the end-of-line token, appended after every line.
-        unk: the unknown-token symbol (used only if the training split contains it, or
-            if pruning needs it).
+        unk: the unknown-token symbol (used only if the training split contains it, if
+            pruning needs it, or if ``reserve_unk``); None: unseen tokens are an error.
         max_vocab: keep at most this many tokens (the rest become ``unk``).
         min_freq: drop tokens seen fewer times in training.
+        reserve_unk: give ``unk`` an id even if training neither has nor needs it.
 
     Returns:
-        The Corpus (``info`` holds token counts and the build time).
+        The Corpus (``info``: token counts, ``unk`` = per split the tokens that became
+        ``unk`` because the vocabulary lacks them, and the build time).
     """
     if documents not in DOCUMENT_MODES:
         raise CorpusError(f"documents must be one of {DOCUMENT_MODES}, not {documents!r}")
@@ -188,19 +194,22 @@ def build_corpus(name: str, splits: dict[str, Sequence[Source]], tokenizer, *,
         ids = _to_tensor(raw)
         counts = torch.bincount(ids, minlength=len(first_seen)).tolist()
         vocab = Vocabulary.from_counts(first_seen, counts, eos=eos, unk=unk, max_size=max_vocab,
-                                       min_freq=min_freq)
+                                       min_freq=min_freq, reserve_unk=reserve_unk)
+        unknown = {"train": sum(n for t, n in zip(first_seen, counts) if t not in vocab.stoi)}
         fallback = vocab.unk if vocab.unk is not None else -1
         remap = torch.tensor([vocab.stoi.get(t, fallback) for t in first_seen], dtype=torch.int64)
         train = remap[ids]
     else:
-        vocab = fixed
-        train = _to_tensor(_encode_with(vocab.stoi, vocab.unk, vocab.eos, train_sources, tokenize,
-                                        unk, *starts["train"]))
+        vocab, unknown = fixed, {}
+        train, unknown["train"] = _encode_with(vocab.stoi, vocab.unk, vocab.eos, train_sources,
+                                               tokenize, unk, *starts["train"])
+        train = _to_tensor(train)
     tensors = {"train": train}
     for split in ("valid", "test"):
-        tensors[split] = _to_tensor(_encode_with(vocab.stoi, vocab.unk, vocab.eos,
-                                                 list(splits.get(split) or []), tokenize, unk,
-                                                 *starts[split]))
+        ids, unknown[split] = _encode_with(vocab.stoi, vocab.unk, vocab.eos,
+                                           list(splits.get(split) or []), tokenize, unk,
+                                           *starts[split])
+        tensors[split] = _to_tensor(ids)
     doc_starts = None
     if documents is not None:
         doc_starts = {}
@@ -211,7 +220,7 @@ def build_corpus(name: str, splits: dict[str, Sequence[Source]], tokenizer, *,
             if at:
                 mask[torch.tensor(at, dtype=torch.int64)] = True
             doc_starts[split] = mask
-    info = {"tokens": {s: len(tensors[s]) for s in SPLITS},
+    info = {"tokens": {s: len(tensors[s]) for s in SPLITS}, "unk": unknown,
             "sources": {s: _summary([src.name for src in (splits.get(s) or [])]) for s in SPLITS},
             "tokenizer": tokenizer.settings(), "build_seconds": round(time.perf_counter() - t0, 3)}
     return Corpus(name=name, vocab=vocab, doc_starts=doc_starts, tokenizer=tokenizer, info=info,

@@ -90,7 +90,8 @@ def load_hf(name: str, config: str | None = None, *, data_files=None,
         hf_cache_dir: ``datasets``' own cache (default: its HF_DATASETS_CACHE).
         max_vocab, min_freq: vocabulary pruning (pruned tokens become ``<unk>``).
         sp_vocab_size, sp_model_type, sp_options: sentencepiece settings.
-        eos, unk: the end-of-line and unknown-token symbols.
+        eos, unk: the end-of-line and unknown-token symbols; as in ``load_text_files``,
+            a word or char vocabulary always holds ``unk`` (None: unseen tokens are errors).
         **load_kwargs: passed to ``datasets.load_dataset`` (e.g. revision=).
 
     Returns:
@@ -171,7 +172,8 @@ def load_hf(name: str, config: str | None = None, *, data_files=None,
                     lines.extend(_row_lines(r))
                 splits[split] = [Source(where, lines)] if lines else []
         corpus = build_corpus(label, splits, tok, documents="source" if documents else None,
-                              eos=eos, unk=unk, max_vocab=max_vocab, min_freq=min_freq)
+                              eos=eos, unk=unk, max_vocab=max_vocab, min_freq=min_freq,
+                              reserve_unk=unk is not None)
         corpus.info["hf_splits"] = dict(chosen)
         return corpus
 

@@ -4,6 +4,10 @@ Each split is a file, a list of files, a directory (its files, sorted by name) o
 pattern. Documents are either whole files (``documents="file"``) or single lines
 (``documents="line"``); with either, ``Corpus.doc_starts`` marks each document's first
 token so that a runner can reset per-stream state there.
+
+A word or char vocabulary always holds ``<unk>`` (reserved when the training text lacks
+it), so held-out words and characters that training never saw become ``<unk>``;
+``Corpus.info["unk"]`` counts them per split.
 """
 
 from __future__ import annotations
@@ -87,14 +91,16 @@ def load_text_files(train: SplitSpec, valid: SplitSpec = None, test: SplitSpec =
         sp_model_type: "unigram", "bpe", "char" or "word".
         sp_options: further sentencepiece trainer options.
         eos: the end-of-line token.
-        unk: the unknown-token symbol.
+        unk: the unknown-token symbol, always in a word or char vocabulary; None: no
+            such symbol, and a valid/test token that training lacks is an error.
 
     Returns:
         The Corpus.
 
     Raises:
         CorpusError: a missing directory or file, an empty file, text that is not valid
-            ``encoding``, or a valid/test token unknown to a vocabulary without ``<unk>``.
+            ``encoding`` (naming the split, file, byte and line), or (``unk=None``) a
+            valid/test token that training lacks.
     """
     modes = {None: None, "file": "source", "line": "line"}
     if documents not in modes:
@@ -117,11 +123,16 @@ def load_text_files(train: SplitSpec, valid: SplitSpec = None, test: SplitSpec =
                "min_freq": min_freq, "eos": eos, "unk": unk}
     key = cache_key({"corpus": "text", "md5": md5s, "tokenizer": tok.settings(), **options})
 
+    def read(f: Path, split: str) -> Source:
+        try:
+            return Source(str(f), split_lines(read_text(f, encoding)))
+        except CorpusError as e:
+            raise CorpusError(f"{split}: {e}") from None
+
     def build() -> Corpus:
-        splits = {s: [Source(str(f), split_lines(read_text(f, encoding))) for f in fs]
-                  for s, fs in files.items()}
+        splits = {s: [read(f, s) for f in fs] for s, fs in files.items()}
         return build_corpus(name, splits, tok, documents=modes[documents], eos=eos, unk=unk,
-                            max_vocab=max_vocab, min_freq=min_freq)
+                            max_vocab=max_vocab, min_freq=min_freq, reserve_unk=unk is not None)
 
     kind = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{name}-{tok.name}")
     return cached_build(cache if use_cache else None, kind, key, build, tok)

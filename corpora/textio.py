@@ -26,7 +26,8 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
 
     Raises:
         CorpusError: the file is missing, a directory, unreadable, empty, or not valid
-            ``encoding`` (the message gives the byte offset).
+            ``encoding`` (the message gives the byte offset and line; nothing is replaced
+            or skipped silently).
     """
     path = Path(path)
     if not path.exists():
@@ -42,9 +43,10 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
         raise CorpusError(
-            f"{path} is not valid {encoding} text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-            f"convert it to {encoding} or pass encoding="
+            f"{path} is not valid {encoding} text (byte {e.start}, line {line}: "
+            f"{raw[e.start:e.start + 1]!r}); convert it to {encoding} or pass encoding="
         ) from e
     except LookupError as e:
         raise CorpusError(f"unknown text encoding {encoding!r} for {path}") from e

@@ -1,8 +1,9 @@
 """The vocabulary: tokens <-> ids, with ``<eos>`` and (where the corpus has one) ``<unk>``.
 
 Built from the training split only. Ids are ordered: ``<eos>`` first, then ``<unk>`` if
-present, then the other tokens by decreasing training frequency (ties: first appearance),
-so a frequency-sorted softmax (adaptive softmax) needs no remapping.
+present (in the training text, or reserved), then the other tokens by decreasing training
+frequency (ties: first appearance), so a frequency-sorted softmax (adaptive softmax) needs
+no remapping.
 
 ``state_dict()`` holds only lists, str and int, so it can live inside a checkpoint loaded
 with ``torch.load(weights_only=True)``; evaluation rebuilds the same ids with
@@ -155,7 +156,7 @@ class Vocabulary:
     @classmethod
     def from_counts(cls, first_seen: Sequence[str], counts: Sequence[int], *, eos: str | None = EOS,
                     unk: str | None = UNK, max_size: int | None = None,
-                    min_freq: int = 1) -> "Vocabulary":
+                    min_freq: int = 1, reserve_unk: bool = False) -> "Vocabulary":
         """Order tokens as this module describes, optionally pruning rare ones.
 
         Args:
@@ -165,6 +166,8 @@ class Vocabulary:
             unk: the unknown-token symbol; added when pruning drops tokens.
             max_size: keep at most this many tokens (specials included), or None.
             min_freq: drop tokens seen fewer times than this.
+            reserve_unk: add ``unk`` even when nothing is pruned, so that held-out
+                tokens the training text lacks have an id.
 
         Returns:
             The vocabulary.
@@ -179,9 +182,8 @@ class Vocabulary:
             room = max_size - len(specials) - (1 if unk is not None and unk not in specials else 0)
             if len(rest) > room:
                 rest, pruned = rest[:max(room, 0)], True
-        if pruned:
-            if unk is None:
-                raise CorpusError("pruning the vocabulary (max_size/min_freq) needs an unk token")
-            if unk not in specials:
-                specials.append(unk)
+        if pruned and unk is None:
+            raise CorpusError("pruning the vocabulary (max_size/min_freq) needs an unk token")
+        if (pruned or reserve_unk) and unk is not None and unk not in specials:
+            specials.append(unk)
         return cls(specials + rest, eos=eos, unk=unk)

@@ -18,16 +18,34 @@ def files(tmp_path):
 
 def test_word_level_ids(files):
     c = load_text_files(files / "train.txt", files / "valid.txt")
-    # <eos> 0; no <unk> in train; then by count: the(2), then first seen: cat sat on mat
-    assert c.vocab.itos == ["<eos>", "the", "cat", "sat", "on", "mat"]
-    assert c.train.tolist() == [1, 2, 3, 0, 4, 1, 5, 0]
-    assert c.valid.tolist() == [1, 2, 0]
+    # <eos> 0; <unk> 1, reserved; then by count: the(2), then first seen: cat sat on mat
+    assert c.vocab.itos == ["<eos>", "<unk>", "the", "cat", "sat", "on", "mat"]
+    assert c.train.tolist() == [2, 3, 4, 0, 5, 2, 6, 0]
+    assert c.valid.tolist() == [2, 3, 0]
     assert c.decode(c.train) == "the cat sat\non the mat\n"
 
 
-def test_unknown_token_without_unk_names_token_file_and_line(files):
-    with pytest.raises(CorpusError, match=r"token 'a' in .*test\.txt line 1 is not in the training vocabulary"):
-        load_text_files(files / "train.txt", files / "valid.txt", files / "test.txt")
+def test_unseen_words_become_unk_and_are_counted(files):
+    (files / "valid.txt").write_text("the zebra cat\nzebra\n")
+    c = load_text_files(files / "train.txt", files / "valid.txt", files / "test.txt")
+    assert c.vocab.unk == 1 and len(c.vocab) == 7  # the training types, <eos> and <unk>
+    assert c.vocab.decode(c.valid) == ["the", "<unk>", "cat", "<eos>", "<unk>", "<eos>"]
+    assert c.test.tolist() == [1, 1, 0]  # "a dog"
+    assert c.info["unk"] == {"train": 0, "valid": 2, "test": 2}
+    again = load_text_files(files / "train.txt", files / "valid.txt", files / "test.txt")
+    assert again.info["cache"] == "hit" and again.info["unk"] == c.info["unk"]
+
+
+def test_rare_training_words_become_unk(files):
+    c = load_text_files(files / "train.txt", files / "valid.txt", min_freq=2)
+    assert c.vocab.itos == ["<eos>", "<unk>", "the"]
+    assert c.info["unk"] == {"train": 4, "valid": 1, "test": 0}  # cat sat on mat; cat
+
+
+def test_unknown_token_without_unk_names_token_file_line_and_types(files):
+    with pytest.raises(CorpusError, match=r"token 'a' in .*test\.txt line 1 is not in the training "
+                                          r"vocabulary \(6 types\), which has no '<unk>'"):
+        load_text_files(files / "train.txt", files / "valid.txt", files / "test.txt", unk=None)
 
 
 def test_unknown_token_maps_to_unk_when_train_has_one(files):
@@ -43,6 +61,25 @@ def test_char_level(files):
     assert c.decode(c.train) == "ab c\nb\n"
 
 
+def test_unseen_character_becomes_unk(files):
+    (files / "train.txt").write_text("ab\n")
+    (files / "valid.txt").write_text("abz\n")
+    c = load_text_files(files / "train.txt", files / "valid.txt", tokenizer="char")
+    assert c.vocab.itos == ["<eos>", "<unk>", "a", "b"]
+    assert c.vocab.decode(c.valid) == ["a", "b", "<unk>", "<eos>"]
+    assert c.info["unk"]["valid"] == 1
+
+
+def test_blank_lines_are_one_eos_each(files):
+    (files / "train.txt").write_text("a b\n\n  \nc\n")
+    c = load_text_files(files / "train.txt", documents="line")
+    assert c.vocab.decode(c.train) == ["a", "b", "<eos>", "<eos>", "<eos>", "c", "<eos>"]
+    # each blank line is a document of one <eos>
+    assert c.doc_starts["train"].tolist() == [True, False, False, True, True, True, False]
+    c = load_text_files(files / "train.txt", tokenizer="char")
+    assert c.vocab.decode(c.train) == ["a", "_", "b", "<eos>", "<eos>", "<eos>", "c", "<eos>"]
+
+
 def test_documents_per_file_and_per_line(tmp_path):
     d = tmp_path / "docs"
     d.mkdir()
@@ -54,6 +91,16 @@ def test_documents_per_file_and_per_line(tmp_path):
     assert c.doc_starts["valid"].numel() == 0
     c = load_text_files(str(d / "*.txt"), documents="line")  # a glob
     assert c.doc_starts["train"].tolist() == [True, False, False, True, False, True, False]
+
+
+def test_cache_entries_of_another_format_are_not_served(files, monkeypatch):
+    from corpora import cache
+
+    with monkeypatch.context() as m:  # as written before text corpora reserved <unk>
+        m.setattr(cache, "FORMAT", cache.FORMAT - 1)
+        old = load_text_files(files / "train.txt", files / "valid.txt")
+    new = load_text_files(files / "train.txt", files / "valid.txt")
+    assert (old.info["cache"], new.info["cache"]) == ("miss", "miss")
 
 
 def test_cache_hit_is_identical(files):
@@ -80,16 +127,17 @@ def test_missing_directory_and_file(tmp_path, files):
 
 def test_empty_file(files):
     (files / "valid.txt").write_text(" \n\n")
-    with pytest.raises(CorpusError, match=r"text file is empty: .*valid\.txt"):
+    with pytest.raises(CorpusError, match=r"^valid: text file is empty: .*valid\.txt$"):
         load_text_files(files / "train.txt", files / "valid.txt")
 
 
-def test_invalid_utf8_names_the_file(files):
+def test_invalid_utf8_names_the_split_file_byte_and_line(files):
     (files / "train.txt").write_bytes(b"good line\nbad \xff\xfe line\n")
-    with pytest.raises(CorpusError, match=r"train\.txt is not valid utf-8 text \(byte 14"):
+    with pytest.raises(CorpusError, match=r"^train: .*train\.txt is not valid utf-8 text "
+                                          r"\(byte 14, line 2: b'\\xff'\)"):
         load_text_files(files / "train.txt")
     c = load_text_files(files / "train.txt", encoding="latin-1")
-    assert c.vocab.itos == ["<eos>", "line", "good", "bad", "\xff\xfe"]
+    assert c.vocab.itos == ["<eos>", "<unk>", "line", "good", "bad", "\xff\xfe"]
 
 
 def test_bad_options(files):

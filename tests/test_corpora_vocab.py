@@ -18,6 +18,14 @@ def test_pruning_adds_unk():
     assert v.itos == ["<eos>", "<unk>", "a", "b"]
 
 
+def test_reserve_unk_adds_it_once_after_eos():
+    v = Vocabulary.from_counts(["<eos>", "a", "b"], [9, 4, 2], reserve_unk=True)
+    assert v.itos == ["<eos>", "<unk>", "a", "b"] and v.encode(["b", "zzz"]) == [3, 1]
+    v = Vocabulary.from_counts(["<eos>", "a", "<unk>"], [9, 1, 4], reserve_unk=True)
+    assert v.itos == ["<eos>", "<unk>", "a"]  # the text's own <unk>: same place, no copy
+    assert Vocabulary.from_counts(["<eos>", "a"], [9, 4]).itos == ["<eos>", "a"]  # default: none
+
+
 def test_encode_decode_and_unknown_without_unk():
     v = Vocabulary(["<eos>", "x", "y"])
     assert v.unk is None and v.encode(["y", "x", "<eos>"]) == [2, 1, 0]

@@ -63,6 +63,10 @@ class DataConfig:
     vocab_size: int = _f(0, "sentencepiece: the vocabulary size (0: 8000); word / char: keep "
                             "the most frequent N tokens, the rest become <unk> (0: all); not "
                             "for PTB")
+    min_count: int = _f(1, "word / char: training tokens seen fewer times become <unk>, so "
+                           "that the model learns <unk> for held-out words training lacks "
+                           "(1: keep all; <unk> is reserved anyway); not for PTB or "
+                           "sentencepiece")
     path: str = _f("", "text / hf: a folder holding train, valid (or validation, dev) and test "
                        "files or subfolders, or a training file, folder or glob whose path "
                        "says 'train' (valid / test: the same path with 'valid' / 'test')")
@@ -416,6 +420,11 @@ def validate(cfg):
 
 def _validate_data(d, need):
     need(d.vocab_size >= 0, f"data.vocab_size must be >= 0 (0: the default), got {d.vocab_size}")
+    need(d.min_count >= 1, f"data.min_count must be >= 1 (1: keep all), got {d.min_count}")
+    need(d.min_count == 1 or (d.corpus not in ("ptb-word", "ptb-char")
+                              and data_tokenizer(d) != "sentencepiece"),
+         f"data.min_count={d.min_count}: only a word or char vocabulary built from the "
+         f"training text (data.corpus=text, hf, wikitext) prunes rare tokens")
     if d.corpus in ("ptb-word", "ptb-char"):
         level = d.corpus[len("ptb-"):]
         other = "char" if level == "word" else "word"

@@ -90,24 +90,23 @@ def load_lm_data(data, data_dir=None):
         LMData.
 
     Raises:
-        corpora.CorpusError: missing files or folders, an empty split, an unavailable
-            Hugging Face dataset (offline: only local files and the HF cache), a missing
-            optional package (datasets, sentencepiece).
-        ConfigError: data.train_tokens leaves no training stream.
+        corpora.CorpusError: missing files or folders, an empty split or one too short for
+            its streams, an unavailable Hugging Face dataset (offline: only local files and
+            the HF cache), a missing optional package (datasets, sentencepiece).
     """
 
     tokenizer = data_tokenizer(data)
     corpus = _load_corpus(data, tokenizer, data_dir or data.data_dir or None)
-    name = corpus.name if data.corpus.startswith("ptb-") else f"{corpus.name} ({tokenizer})"
-    for split in SPLITS:
-        if corpus.split(split).numel() == 0:
-            raise corpora.CorpusError(f"{name}: the {split} split is empty; every split needs "
-                                      f"text (data.path, data.hf_split)")
+    name = _describe(corpus, data, tokenizer)
     starts = corpus.doc_starts or {}
 
-    def streams(split, width):
+    def streams(split, width, width_key):
         limit = getattr(data, f"{split}_tokens")
-        ids = corpora.batchify(_limit(corpus.split(split), limit), width)
+        ids = _limit(corpus.split(split), limit)
+        if ids.numel() < 2 * width:  # a stream needs an input and its target
+            raise CorpusError(_too_short(name, split, ids.numel(), width, width_key,
+                                         ids.numel() < corpus.split(split).numel()))
+        ids = corpora.batchify(ids, width)
         mask = starts.get(split)
         if mask is None:
             return ids, None
@@ -116,15 +115,33 @@ def load_lm_data(data, data_dir=None):
         return ids, (resets if resets.flatten()[1:].any() else None)
 
     B, E = data.batch_size, data.eval_batch_size
-    train, resets = streams("train", B)
-    valid, valid_resets = streams("valid", E)
-    test, test_resets = streams("test", E)
-    if train.shape[0] < 2:
-        raise ConfigError(f"data.train_tokens={data.train_tokens} leaves no training "
-                          f"stream for data.batch_size={B}")
+    train, resets = streams("train", B, "data.batch_size")
+    valid, valid_resets = streams("valid", E, "data.eval_batch_size")
+    test, test_resets = streams("test", E, "data.eval_batch_size")
     return LMData(name=name, vocab=corpus.vocab, metric=metric_name(data),
                   train=train, valid=valid, test=test, resets=resets, valid_resets=valid_resets,
                   test_resets=test_resets, corpus=corpus)
+
+
+def _describe(corpus, data, tokenizer):
+    """The corpus name for the run log: its level, and how many held-out tokens are <unk>
+    because the vocabulary lacks them (unseen in training, or pruned)."""
+    notes = [] if data.corpus.startswith("ptb-") else [tokenizer]
+    unk = corpus.info.get("unk") or {}
+    if unk.get("valid") or unk.get("test"):
+        notes.append("held-out tokens outside the vocabulary, now <unk>: " + ", ".join(
+            f"{s} {unk.get(s, 0):,} of {corpus.split(s).numel():,}" for s in ("valid", "test")))
+    return corpus.name + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _too_short(name, split, n, width, width_key, cut):
+    if n == 0:
+        return (f"{name}: the {split} split is empty (0 tokens); every split needs text "
+                f"(data.path, data.hf_split)")
+    where = f" (cut by data.{split}_tokens)" if cut else ""
+    return (f"{name}: the {split} split has {n:,} tokens{where}, but {width_key}={width} "
+            f"streams need at least {2 * width:,} (2 each); add {split} text or lower "
+            f"{width_key}")
 
 
 def metric_name(data):
@@ -144,7 +161,7 @@ def _load_corpus(data, tokenizer, directory):
     if tokenizer == "sentencepiece":
         vocab = {"sp_vocab_size": data.vocab_size or SP_VOCAB_SIZE}
     else:
-        vocab = {"max_vocab": data.vocab_size or None}
+        vocab = {"max_vocab": data.vocab_size or None, "min_freq": data.min_count}
     try:
         if kind in ("wikitext-2", "wikitext-103"):
             return corpora.load_wikitext(kind.split("-")[1], data_dir=directory,
@@ -166,15 +183,16 @@ def _load_corpus(data, tokenizer, directory):
                                    documents="row" if data.documents == "line" else None,
                                    tokenizer=tokenizer, **vocab)
     except corpora.CorpusError as e:
-        raise corpora.CorpusError(_cli_hint(str(e), tokenizer)) from None
+        raise corpora.CorpusError(_cli_hint(str(e))) from None
     raise ConfigError(f"data.corpus: {kind!r} is not a language-model corpus")
 
 
-def _cli_hint(message, tokenizer):
-    """corpora's messages speak Python (split_names=, text_field=); add the config key."""
-    if "to map it to" in message and tokenizer != "sentencepiece":
-        return (message + "; set data.vocab_size below the number of training types so that "
-                "rare and unseen tokens become <unk>")
+def _cli_hint(message):
+    """corpora's messages speak Python (split_names=, encoding=); add the CLI's words."""
+    if message.endswith(" or pass encoding="):  # the CLI has no encoding key: utf-8 only
+        return message[:-len(" or pass encoding=")] + " (e.g. iconv -f latin1 -t utf-8)"
+    if "text file is empty" in message:
+        return message + "; every split needs text (a few hundred lines held out will do)"
     if "split_names=" in message:
         return message + " (the CLI: data.hf_split, e.g. valid=validation)"
     if "text_field=" in message:
