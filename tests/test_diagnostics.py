@@ -69,6 +69,29 @@ def test_training_with_diagnostics_is_bit_identical(ptb_dir, tmp_path):
     assert not [r for r in off if r["kind"] == "diagnose"]
 
 
+def test_copy_episodes_are_diagnosed_at_every_boundary_without_changing_training(tmp_path):
+    # T = 2 and N = 2 (episodes of 6 steps): the boundaries at steps 2 and 4 of fresh
+    # episodes, every diagnosis, whatever the current episode's position
+    base = ["train.truncation=2", "task.start_length=2", "train.max_steps=8",
+            "train.progress=false", "train.log_interval=1", "train.diagnose_horizons=1,2"]
+    runs = {}
+    for every in (0, 2):
+        out = tmp_path / f"every{every}"
+        train(load_recipe("copy-smoke", base + [f"train.diagnose_every={every}"]),
+              out_dir=out, quiet=True)
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[every] = (recs, ckpt.load(out / "last.pt"))
+    (off, c_off), (on, c_on) = runs[0], runs[2]
+    losses = lambda recs: [(r["step"], r["loss"]) for r in recs if r["kind"] == "train"]
+    assert losses(off) == losses(on)
+    for k, v in c_off["model"].items():
+        assert torch.equal(v, c_on["model"][k]), k
+    diag = [r for r in on if r["kind"] == "diagnose"]
+    assert [r["step"] for r in diag] == [2, 4, 6, 8]
+    # 4 blocks x boundaries 2 and 4 (at 4, K = 2 does not fit)
+    assert all(r["boundaries"] == 8 and -1 <= r["cos_k1"] <= 1 for r in diag)
+
+
 def test_diagnose_command_on_a_saved_run(ptb_dir, tmp_path, capsys):
     data = str(ptb_dir.parent)
     run = tmp_path / "run"

@@ -40,6 +40,7 @@ from . import checkpoint as ckpt
 from .. import diagnostics
 from .. import distributed
 from .. import nest
+from ..streams import forward_with_resets, initial_state
 from .config import ConfigError, horizons, target_scale
 from .logs import Meter, NullLog, RunLog, progress_bar
 from .stopping import RunInterrupted, StopSignals
@@ -220,8 +221,11 @@ class Run:
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"run directory {d} is not writable ({e.strerror or e})") from None
+        for tmp in d.glob(".*.pt.*.tmp"):  # a checkpoint write a kill cut short
+            tmp.unlink(missing_ok=True)
         if self.resume and not (d / "last.pt").is_file():
-            raise ckpt.CheckpointError(f"--resume: no last.pt in {d}")
+            raise ckpt.CheckpointError(f"--resume: no last.pt in {d} (a run stopped before "
+                                       "its first checkpoint starts again without --resume)")
         if not self.resume and (d / "last.pt").is_file():
             raise ConfigError(f"{d} already holds a run (last.pt); pass --resume to continue "
                               "it or --out for a new directory")
@@ -317,8 +321,12 @@ class Run:
 
     def diagnose(self):
         """The synthetic gradient at the current boundary against the true future gradient
-        through the next chunks of the stream (`diagnostics.py`); changes nothing."""
+        through the next chunks of the stream (`diagnostics.py`); changes nothing. A task
+        of short episodes (`diagnosis_blocks`) is diagnosed at every chunk boundary of a few
+        fresh episodes instead: its current episode has few boundaries, often none."""
         s, p = self.stream, self.progress
+        if self.synth is not None and hasattr(self.task, "diagnosis_blocks"):
+            return self._diagnose_episodes()
         if self.synth is None or p.pos >= s.inputs.shape[0]:
             return
         resets = s.resets[p.pos:] if s.resets is not None else None
@@ -328,6 +336,25 @@ class Run:
         if report:
             self.log.emit({"kind": "diagnose", "step": self.step, "tokens": p.tokens,
                            **report})
+
+    def _diagnose_episodes(self):
+        T, reports = self.cfg.train.truncation, []
+        # their own generator: training draws the same episodes with or without diagnosis
+        for s in self.task.diagnosis_blocks(self.device, seed=self.cfg.train.seed * 1_000_003
+                                            + self.step):
+            state = initial_state(self.model, s.inputs)
+            for a in range(0, s.inputs.shape[0] - 1, T):
+                if a:  # the state at boundary a, then the future after it
+                    reports.append(diagnostics.diagnose(
+                        self.runner, s.inputs[a:], s.targets[a:], state, T,
+                        horizons(self.cfg), s.resets[a:]))
+                with torch.no_grad():
+                    _, state, _ = forward_with_resets(self.model, s.inputs[a:a + T], state,
+                                                      s.resets[a:a + T], self.runner.batch_dim)
+        reports = [r for r in reports if r]
+        if reports:
+            self.log.emit({"kind": "diagnose", "step": self.step, "tokens": self.progress.tokens,
+                           "boundaries": len(reports), **diagnostics.mean_reports(reports)})
 
     def finished(self):
         t, p = self.cfg.train, self.progress

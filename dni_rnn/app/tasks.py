@@ -307,6 +307,13 @@ class CopyTask:
         self._stream_seed = state
         return stream
 
+    def diagnosis_blocks(self, device, seed, n=4):
+        """`n` fresh blocks of episodes at the current length, drawn from a generator of
+        their own, for the in-training diagnosis (`Run.diagnose`)."""
+        g = torch.Generator().manual_seed(seed)
+        return [self._pack(self.episodes(self.cfg.data.batch_size, self.length, g), device)
+                for _ in range(n)]
+
     def diagnosis_stream(self, split, device):
         """A fresh block of training episodes at the current length (any split)."""
         stream = self.train_stream(device)
