@@ -55,11 +55,13 @@ class DNIStep:
         aux_head, aux_weight: DNI + Aux.
         batch_dim: batch dimension of state tensors (None: the one before the features).
         replay, replay_chunks: replayed synthesizer updates (`replay.SynthReplay`).
+        refit: the ridge penalty of a closed-form refit of the synthesizer's last layer on
+            the replay buffer after every update (0: off; `replay.SynthReplay`).
     """
 
     def __init__(self, synthesizer, sg_scale=0.1, bootstrap=None, warmup=0, target_scale="rms",
                  sg_cap=1.0, guard=True, calibrate=False, aux_head=None, aux_weight=0.0,
-                 batch_dim=None, replay=0, replay_chunks=32):
+                 batch_dim=None, replay=0, replay_chunks=32, refit=0.0):
         self.check_settings(sg_scale, bootstrap, target_scale, sg_cap)
         self.sg_scale = float(sg_scale)
         self.bootstrap = self.sg_scale if bootstrap is None else float(bootstrap)
@@ -76,7 +78,7 @@ class DNIStep:
         self._reference = None  # the g_hat injected at the last chunk's end, before the gate
         self.recoveries = 0
         self._recovered = False
-        self.replay = SynthReplay(replay, replay_chunks, batch_dim)
+        self.replay = SynthReplay(replay, replay_chunks, batch_dim, ridge=refit)
         self.params = list(synthesizer.parameters())
         if self.aux_on:
             self.params += list(aux_head.parameters())
@@ -292,7 +294,8 @@ class DNIStep:
 
     def replay_steps(self, tokens, optimizer, others, sync=None, clip=None):
         """`replay.steps` more synthesizer updates on recent triggers (nothing else moves:
-        every other gradient, of `others` too, is None, so `optimizer` leaves them alone)."""
+        every other gradient, of `others` too, is None, so `optimizer` leaves them alone),
+        then the closed-form refit when `replay.ridge` is on."""
         scale = self.scale(tokens)
         if not self.replay or not self.replay.filled or self.is_zero(scale):
             return
@@ -305,6 +308,8 @@ class DNIStep:
             if clip:
                 torch.nn.utils.clip_grad_norm_(self.params, clip)
             optimizer.step()
+        if self.replay.ridge:  # after the steps: they may have moved the features
+            self.replay.refit(self.interface.synthesizer, scale)
 
     # ---- checkpoints -----------------------------------------------------------------------
 

@@ -14,6 +14,13 @@ when they are replayed (a running RMS moves; with `target_scale="sum"` and rando
 lengths, that is the current chunk's token count). Streams are drawn with torch's global
 generator (saved in checkpoints), so a run with replay resumes bit for bit. Replayed
 triggers carry no context: a synthesizer conditioned on one (cDNI) cannot be replayed.
+
+Refit (`ridge` > 0) learns from the same buffer in closed form instead: after every update
+the synthesizer's last layer is set to the ridge regression of the buffered targets on the
+features that layer reads (the trigger itself for a linear synthesizer), so it fits the
+last `chunks` chunks exactly as they are, however fast the model moves. The features are
+standardised inside the solve (float64) and the penalty is `ridge` x the number of rows on
+each standardised feature; the result is folded back into the layer's weight and bias.
 """
 import torch
 
@@ -24,15 +31,19 @@ class SynthReplay:
     """A ring buffer of (trigger state, real gradient) per stream, and replayed updates.
 
     Args:
-        steps: extra synthesizer updates per chunk (0: off, nothing is kept).
+        steps: extra synthesizer updates per chunk (0: none).
         chunks: how many recent chunks' boundaries the buffer holds.
         batch_dim: the batch dimension of state tensors (None: the one before the features).
+        ridge: refit the synthesizer's last layer in closed form after every update, with
+            this ridge penalty (0: no refit; with `steps` 0 too, nothing is kept).
     """
 
-    def __init__(self, steps, chunks=32, batch_dim=None):
-        if steps < 0 or chunks < 1:
-            raise ValueError(f"replay needs steps >= 0 and chunks >= 1, got {steps}, {chunks}")
+    def __init__(self, steps, chunks=32, batch_dim=None, ridge=0.0):
+        if steps < 0 or chunks < 1 or ridge < 0:
+            raise ValueError(f"replay needs steps >= 0, chunks >= 1 and ridge >= 0, got {steps}, "
+                             f"{chunks}, {ridge}")
         self.steps, self.chunks, self.batch_dim = int(steps), int(chunks), batch_dim
+        self.ridge = float(ridge)
         self.clear()
 
     def clear(self):
@@ -40,7 +51,7 @@ class SynthReplay:
         self.structure, self.width, self.filled, self.slot = None, 0, 0, 0
 
     def __bool__(self):
-        return self.steps > 0
+        return self.steps > 0 or self.ridge > 0
 
     def add(self, state, gradient):
         """Keep one chunk's triggers and the real gradients that reached them (detached)."""
@@ -84,6 +95,26 @@ class SynthReplay:
                                             "synthesizer message")
         return sum((m - scale * g).pow(2).sum() for m, g in zip(message, nest.flatten(grads))) \
             / self.width
+
+    @torch.no_grad()
+    def refit(self, synthesizer, scale):
+        """Set the last layer of `synthesizer` (a `StateSynthesizer`) to the ridge regression
+        of every buffered target, scale x the real gradient, on its features there."""
+        n = self.filled * self.width
+        if n < 2:
+            return
+        keep = lambda bufs: nest.unflatten(self.structure, [b.narrow(d, 0, n)
+                                                            for b, d in zip(bufs, self._dims)])
+        features, layer = synthesizer.features(keep(self.states))
+        X = features.double()
+        Y = scale * synthesizer.flatten(keep(self.grads)).double()
+        mu, sd = X.mean(0), X.std(0)
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        Z, y_mean = (X - mu) / sd, Y.mean(0)
+        A = Z.T @ Z + self.ridge * n * torch.eye(Z.shape[1], dtype=Z.dtype, device=Z.device)
+        W = torch.linalg.solve(A, Z.T @ (Y - y_mean)) / sd[:, None]  # (features, outputs)
+        layer.weight.copy_(W.T)
+        layer.bias.copy_(y_mean - mu @ W)
 
     def state_dict(self):
         if self.states is None:

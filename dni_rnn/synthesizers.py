@@ -77,6 +77,29 @@ class BasicSynthesizer(nn.Module):
             nn.init.zeros_(self.input_context.weight)
 
     def forward(self, trigger, context=None):
+        if self.output is None:
+            return self._first(trigger, context)
+        return self.output(self.features(trigger, context))
+
+    @property
+    def last_layer(self):
+        """The linear layer that writes the message."""
+        return self.output if self.output is not None else self.input_trigger
+
+    def features(self, trigger, context=None):
+        """What `last_layer` reads: the last hidden activations (the trigger itself when the
+        synthesizer is linear)."""
+        if self.output is None:
+            if self.input_context is not None:
+                raise ValueError("a linear synthesizer with a context writes its message with "
+                                 "two layers; its features are not one layer's input")
+            return trigger
+        x = F.relu(self._first(trigger, context))
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return x
+
+    def _first(self, trigger, context):
         if trigger.shape[-1] != self.trigger_dim:
             raise ValueError(
                 f"BasicSynthesizer expects a trigger with last dimension {self.trigger_dim}, "
@@ -92,12 +115,7 @@ class BasicSynthesizer(nn.Module):
             if not context.is_floating_point():
                 context = F.one_hot(context.long(), self.context_dim).to(trigger.dtype)
             x = x + self.input_context(context)
-        if self.output is None:
-            return x
-        x = F.relu(x)
-        for layer in self.hidden:
-            x = F.relu(layer(x))
-        return self.output(x)
+        return x
 
 
 def state_dim(state, batch_dim=None):
@@ -142,6 +160,18 @@ class StateSynthesizer(nn.Module):
             return False
         fn()
         return True
+
+    def flatten(self, state):
+        """`(B, D)`: every tensor of `state` batch-first, flattened per example, concatenated."""
+        tensors = nest.flatten(state)
+        return torch.cat([t.movedim(d, 0).reshape(t.shape[d], -1)
+                          for t, d in zip(tensors, map(self._batch_dim, tensors))], dim=1)
+
+    def features(self, state, context=None):
+        """What the inner synthesizer's last layer reads at `state`, `(B, F)`, and that layer
+        (`BasicSynthesizer.features`, `.last_layer`): what a closed-form refit needs."""
+        return self.synthesizer.features(self.flatten(state), context), \
+            self.synthesizer.last_layer
 
     def forward(self, trigger, context=None):
         tensors = nest.flatten(trigger)

@@ -51,7 +51,7 @@ class TBPTTRunner:
             are averaged and trigger statistics summed over the ranks; None: one process.
         dni: a `DNIStep` (instead of `synthesizer` and the keywords below).
         sg_scale, bootstrap, warmup, target_scale, sg_cap, guard, calibrate, aux_head,
-        aux_weight, replay, replay_chunks: the DNI settings, passed to `DNIStep` (its
+        aux_weight, replay, replay_chunks, refit: the DNI settings, passed to `DNIStep` (its
             docstring says what each does); the defaults are the stable setting of docs/dni.md.
     """
 
@@ -59,7 +59,7 @@ class TBPTTRunner:
                  sg_scale=0.1, bootstrap=None, clip=0.25, synth_clip=None, warmup=0,
                  target_scale="rms", sg_cap=1.0, guard=True, calibrate=False, aux_head=None,
                  aux_weight=0.0, synth_optimizer=None, batch_dim=None, on_nonfinite="raise",
-                 sync=None, replay=0, replay_chunks=32, dni=None):
+                 sync=None, replay=0, replay_chunks=32, refit=0.0, dni=None):
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if dni is not None and synthesizer is not None:
@@ -70,7 +70,8 @@ class TBPTTRunner:
             dni = DNIStep(synthesizer, sg_scale=sg_scale, bootstrap=bootstrap, warmup=warmup,
                           target_scale=target_scale, sg_cap=sg_cap, guard=guard,
                           calibrate=calibrate, aux_head=aux_head, aux_weight=aux_weight,
-                          batch_dim=batch_dim, replay=replay, replay_chunks=replay_chunks)
+                          batch_dim=batch_dim, replay=replay, replay_chunks=replay_chunks,
+                          refit=refit)
         elif dni is None:
             DNIStep.check_settings(sg_scale, bootstrap, target_scale, sg_cap)
         if dni is not None and sync is not None:  # a rank's trigger gradients are W x one

@@ -122,5 +122,65 @@ def test_replay_under_torchrun_is_refused_with_one_line(tmp_path):
     from dni_rnn.app.run import Run
     from dni_rnn.distributed import World
     cfg = load_recipe("copy-smoke", ["dni.replay=2", "data.batch_size=4"])
-    with pytest.raises(ConfigError, match="dni.replay is not supported under torchrun"):
+    with pytest.raises(ConfigError, match="dni.replay and dni.refit are not supported under"):
         Run(cfg, tmp_path / "r", world=World(rank=0, size=2)).setup()
+
+
+@pytest.mark.parametrize("n_hidden", [0, 1])
+def test_refit_solves_the_ridge_regression_on_the_buffer(n_hidden):
+    """The refitted last layer (W, b) minimises, over the buffer's rows,
+    ||features W^T + b - scale g||^2 + ridge * rows * ||W * sd||^2 (sd: each feature's
+    standard deviation): its gradient there is zero, and the rest of the synthesizer is
+    untouched."""
+    ridge, scale = 0.05, 2.0
+    buffer = dni.replay.SynthReplay(steps=0, chunks=3, ridge=ridge)
+    assert buffer  # on with ridge alone: triggers are kept
+    g = torch.Generator().manual_seed(1)
+    draw = lambda: tuple(torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+                         for _ in range(2))
+    for _ in range(5):  # the ring keeps the last 3 chunks
+        buffer.add(draw(), draw())
+    synth = dni.StateSynthesizer.mlp(12, n_hidden=n_hidden, hidden_dim=5).double()
+    before = {k: v.clone() for k, v in synth.state_dict().items()}
+    buffer.refit(synth, scale)
+    rows = buffer.filled * buffer.width
+    keep = lambda bufs: tuple(b[:, :rows] for b in bufs)
+    features, layer = synth.features(keep(buffer.states))
+    Y = scale * synth.flatten(keep(buffer.grads))
+    W = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    sd = features.std(0)
+    objective = (features @ W.T + b - Y).pow(2).sum() + ridge * rows * (W * sd).pow(2).sum()
+    gW, gb = torch.autograd.grad(objective, (W, b))
+    assert gW.abs().max() < 1e-9 * Y.abs().max() * rows and gb.abs().max() < 1e-9 * rows
+    changed = {k for k, v in synth.state_dict().items() if not torch.equal(v, before[k])}
+    last = "synthesizer.output" if n_hidden else "synthesizer.input_trigger"
+    assert changed == {f"{last}.weight", f"{last}.bias"}
+
+
+def test_refit_in_training_fits_the_last_chunks_and_resumes_bit_for_bit(tmp_path):
+    """In the runner the refit follows every update, on every chunk kept so far; a run
+    with it resumes bit for bit (its buffer is in the checkpoint)."""
+    runner, model, synth, x, y, state = runner_for(0, refit=1e-3)
+    state, _ = runner.train_chunk(x[:4], y[:4], state)
+    w = synth.synthesizer.output.weight.detach().clone()
+    runner.replay.refit(synth, runner.dni.scale(4 * 3))
+    assert torch.equal(w, synth.synthesizer.output.weight)  # already the fit of the buffer
+    outs = []
+    for cut in (False, True):
+        runner, model, synth, x, y, state = runner_for(0, refit=1e-3)
+        state, _ = runner.train_chunk(x[:4], y[:4], state)
+        if cut:
+            saved = runner.state_dict()
+            runner.replay.clear()
+            runner.load_state_dict(saved)
+        runner.train_chunk(x[4:8], y[4:8], state)
+        outs.append([p.detach().clone() for p in list(synth.parameters())
+                     + list(model.parameters())])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_config_refuses_a_negative_refit():
+    with pytest.raises(ConfigError, match="dni.refit"):
+        load_recipe("copy-smoke", ["dni.refit=-1"])

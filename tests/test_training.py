@@ -47,6 +47,7 @@ def _kill_at(monkeypatch, step):
     ("copy-smoke", TINY_COPY),
     ("repeat-copy-smoke", TINY_COPY),
     ("copy-smoke", TINY_COPY + ["dni.replay=2", "dni.replay_chunks=3"]),
+    ("copy-smoke", TINY_COPY + ["dni.refit=1e-3", "dni.synth_layers=0", "dni.replay_chunks=3"]),
 ])
 def test_resume_after_a_kill_is_bit_exact(recipe, overrides, ptb_dir, tmp_path, monkeypatch):
     data = str(ptb_dir.parent)

@@ -140,6 +140,9 @@ class DNIConfig:
     replay: int = _f(0, "extra synthesizer updates per chunk on recent triggers and their real "
                         "gradients (0: off; docs/dni.md)")
     replay_chunks: int = _f(32, "how many recent chunks the synthesizer's replay buffer holds")
+    refit: float = _f(0.0, "after every update, set the synthesizer's last layer to the ridge "
+                           "regression on the replay buffer, with this penalty (0: off; "
+                           "docs/dni.md)")
     aux_weight: float = _f(0.1, "weight of the auxiliary loss (dni-aux only)")
 
 
@@ -391,6 +394,7 @@ def validate(cfg):
     need(cfg.dni.synth_layers >= 0, "dni.synth_layers must be >= 0")
     need(cfg.dni.replay >= 0, f"dni.replay must be >= 0 (0: off), got {cfg.dni.replay}")
     need(cfg.dni.replay_chunks >= 1, f"dni.replay_chunks must be >= 1, got {cfg.dni.replay_chunks}")
+    need(cfg.dni.refit >= 0, f"dni.refit must be >= 0 (0: off), got {cfg.dni.refit}")
     need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
     target_scale(cfg)
     need(0 < cfg.optim.plateau_factor <= 1, "optim.plateau_factor must lie in (0, 1]")

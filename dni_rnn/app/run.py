@@ -159,11 +159,11 @@ class Run:
     def setup(self):
         cfg, t, w = self.cfg, self.cfg.train, self.world
         w.check_batch(cfg.data.batch_size)
-        if w.distributed and cfg.dni.replay and cfg.dni.method != "bptt":
+        if w.distributed and (cfg.dni.replay or cfg.dni.refit) and cfg.dni.method != "bptt":
             # each rank's replay buffer holds its own streams; checkpoints keep rank 0's
-            raise ConfigError("dni.replay is not supported under torchrun yet (a checkpoint "
-                              "would keep one rank's replay buffer); set dni.replay=0 or run "
-                              "one process")
+            raise ConfigError("dni.replay and dni.refit are not supported under torchrun yet (a "
+                              "checkpoint would keep one rank's replay buffer); set them to 0 "
+                              "or run one process")
         # the task (data) first: a failed start leaves no run directory behind
         self.task = w.main_first(lambda: build_task(cfg, self.data_dir, w))
         if not self.task.epoch_based and not (t.max_steps or t.max_tokens):
@@ -192,7 +192,8 @@ class Run:
             calibrate=cfg.dni.calibrate, aux_head=self.aux,
             aux_weight=cfg.dni.aux_weight if cfg.dni.method == "dni-aux" else 0.0,
             synth_optimizer=self.synth_optimizer, on_nonfinite=t.on_nonfinite,
-            sync=w.gradient_sync(), replay=cfg.dni.replay, replay_chunks=cfg.dni.replay_chunks)
+            sync=w.gradient_sync(), replay=cfg.dni.replay, replay_chunks=cfg.dni.replay_chunks,
+            refit=cfg.dni.refit)
         if self.resume:
             ckpt.restore_run(self, self.run_dir / "last.pt")
         if w.main:  # rank 0 alone writes the run directory
