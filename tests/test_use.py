@@ -170,11 +170,18 @@ def test_a_checkpoint_that_does_not_fit_its_config(runs, tmp_path):
         dni_rnn.load(tmp_path / "odd.pt")
 
 
-def test_a_lost_sentencepiece_model_is_named(runs, tmp_path, monkeypatch):
+def test_a_sentencepiece_run_keeps_its_model_and_a_lost_one_is_named(runs, tmp_path,
+                                                                      monkeypatch):
     pytest.importorskip("sentencepiece")
     monkeypatch.setenv("DNI_RNN_CACHE_DIR", str(tmp_path / "other-cache"))
+    assert dni_rnn.load(runs / "sp").tokenizer.decode([5, 6, 7])  # the run's own copy
+    moved = tmp_path / "sp"
+    moved.mkdir()
+    for name in ("best.pt", "config.toml"):
+        if (runs / "sp" / name).exists():
+            (moved / name).write_bytes((runs / "sp" / name).read_bytes())
     with pytest.raises(CheckpointError, match="sentencepiece model is not in"):
-        dni_rnn.load(runs / "sp")
+        dni_rnn.load(moved)
 
 
 # ---- generate --------------------------------------------------------------------------------

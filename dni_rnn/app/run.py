@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -170,6 +171,7 @@ class Run:
             raise ConfigError(f"{cfg.data.corpus} needs a budget: set train.max_steps or "
                               "train.max_tokens")
         w.on_main(self._prepare_run_dir)
+        w.on_main(self._keep_tokenizer_model)
         self.device = w.device(select_device(t.device))
         seed_everything(t.seed, t.deterministic)
         self.model = self.task.build_model().to(self.device)
@@ -211,6 +213,14 @@ class Run:
                             f"directory {self.run_dir}"
                             + (f" | resumed at step {self.step}" if self.resume else ""))
         return self
+
+    def _keep_tokenizer_model(self):
+        """A sentencepiece model next to the checkpoints: the run is usable (`dni_rnn.load`)
+        without the corpus cache it was trained with."""
+        tokenizer = getattr(getattr(self.task, "corpus", None), "tokenizer", None)
+        model_file = getattr(tokenizer, "model_path", None)
+        if model_file is not None:
+            shutil.copyfile(model_file, self.run_dir / "sentencepiece.model")
 
     def _prepare_run_dir(self):
         """Create the run directory and make sure it is writable; one-line errors."""

@@ -167,13 +167,14 @@ def _tokenizer(cfg, vocab, file):
 
 
 def _sentencepiece(vocab, file):
-    """The cached sentencepiece model whose pieces are `vocab`: the checkpoint holds the
-    pieces but not the model, which training left in the cache (`corpora/subword.py`)."""
+    """The sentencepiece model whose pieces are `vocab`: the run directory's copy, else one
+    in the corpus cache (the checkpoint holds the pieces, not the model)."""
     from corpora.subword import SentencePieceTokenizer, import_sentencepiece
 
     import_sentencepiece()  # a CorpusError saying how to install it
     folder = cache_root() / "sentencepiece"
-    for model in sorted(folder.glob("*.model")):
+    kept = Path(file).parent / "sentencepiece.model"  # the run's own copy (`Run.setup`)
+    for model in [kept] * kept.is_file() + sorted(folder.glob("*.model")):
         tok = SentencePieceTokenizer(model)
         if tok.fixed_vocabulary() == vocab:
             return tok
