@@ -1,4 +1,8 @@
-"""Small float64 reference setups shared by the gradient tests."""
+"""Small float64 reference setups shared by the gradient tests, and what the run tests share."""
+
+import shutil
+import subprocess
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -113,3 +117,58 @@ class RecordingOptimizer(torch.optim.Optimizer):
 # every recipe's smoke variant (tests that run each of them)
 SMOKE = ["ptb-word-small-smoke", "ptb-word-medium-smoke", "ptb-char-smoke", "copy-smoke",
          "repeat-copy-smoke"]
+
+
+def checkpoint_difference(a, b, where="", skip=("progress.elapsed",)):
+    """The first difference between two checkpoints read back (tensors to the last bit), as
+    a dotted path, or "" when equal; `skip` names fields allowed to differ (the clock)."""
+    if where.lstrip(".") in skip:
+        return ""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(_bytes(a), _bytes(b)))
+        return "" if same else where or "."
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{where} (keys)"
+        return next((d for k in a if (d := checkpoint_difference(a[k], b[k], f"{where}.{k}",
+                                                                skip))), "")
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return f"{where} (length)"
+        return next((d for i, (x, y) in enumerate(zip(a, b))
+                     if (d := checkpoint_difference(x, y, f"{where}[{i}]", skip))), "")
+    return "" if a == b or (a != a and b != b) else where or "."
+
+
+def _bytes(t):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def make_read_only(folder):
+    """Make `folder` read-only, also for root (`chattr +i` where chmod does not bind);
+    False where neither works (then nothing is changed for good: call make_writable)."""
+    folder = Path(folder)
+    folder.chmod(0o555)
+    if not _writable(folder):
+        return True
+    if shutil.which("chattr"):
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    return not _writable(folder)
+
+
+def make_writable(folder):
+    if shutil.which("chattr"):
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    Path(folder).chmod(0o755)
+
+
+def _writable(folder):
+    probe = folder / ".probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+        return True
+    except OSError:
+        return False

@@ -22,15 +22,22 @@ restores it; this module writes, reads and checks the files.
 
 Everything is loadable with `torch.load(weights_only=True)`: no pickled classes.
 Writes go to a temporary file in the same folder, are fsync'ed, then os.replace'd over
-the target, so a kill during a write leaves the old file (or none), never a broken one.
+the target, so a kill during a write leaves the old file (or none), never a broken one
+(only a stale `.NAME.*.tmp`, which the next start of the run removes). A failed write (a
+full disk, a read-only or vanished directory) raises CheckpointError with one line and
+leaves the old file as it was. For the fault trials (experiments/fault_trials.py) the
+environment variable DNI_RNN_SAVE_PAUSE=SECONDS makes every write wait that long between
+writing the temporary file and renaming it, so that a kill can be aimed there.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import pickle
 import random
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -58,15 +65,28 @@ class CheckpointError(RuntimeError):
 
 
 def save(obj, path):
-    """Write `obj` (a plain dict) to `path` atomically: temp file + fsync + os.replace."""
+    """Write `obj` (a plain dict) to `path` atomically: temp file + fsync + os.replace.
+
+    Raises:
+        CheckpointError: the write failed (a full disk, a read-only or vanished folder); the
+            file already at `path` is left as it was.
+    """
     path = Path(path)
 
     def write(tmp):
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            f = _File(fh)
+            try:
+                torch.save(obj, f)
+            except RuntimeError:  # torch's stand-in for the OSError its writes raised
+                if f.error is None:
+                    raise
+                raise f.error from None
+        pause = float(os.environ.get("DNI_RNN_SAVE_PAUSE", 0) or 0)
+        if pause:  # fault trials only: a window between the write and the rename for a kill
+            time.sleep(pause)
 
-    atomic_write(path, write)
-    _fsync_dir(path.parent)
+    _write(path, write)
 
 
 def link(src, dst):
@@ -80,8 +100,53 @@ def link(src, dst):
         except OSError:
             shutil.copyfile(src, tmp)
 
-    atomic_write(dst, make)
-    _fsync_dir(dst.parent)
+    _write(dst, make)
+
+
+class _File:
+    """The file torch.save writes to, keeping the OSError of a failed write: torch replaces
+    it with a RuntimeError that does not say what went wrong (e.g. a full disk)."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.fh.flush()
+
+
+def _write(path, write):
+    if not path.parent.is_dir():  # atomic_write would make it again, on whatever is there
+        raise gone(path.parent)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise write_error(path, e) from None
+    _fsync_dir(path.parent)
+
+
+def gone(run_dir):
+    """The error of a run whose directory vanished under it (deleted, unmounted)."""
+    return CheckpointError(f"the run directory {run_dir} is gone (deleted or unmounted while "
+                           "the run trained); nothing more can be saved there, the run stops")
+
+
+def write_error(path, e):
+    """One line for an OSError while writing `path` into a run directory: what failed, why,
+    that the checkpoints there are intact, and what to do."""
+    if not path.parent.is_dir():
+        return gone(path.parent)
+    fix = ("free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "make it writable" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else
+           "fix that")
+    return CheckpointError(f"cannot write {path}: {e.strerror or e}; the checkpoints already "
+                           f"in that directory are intact: {fix}, then resume with --resume")
 
 
 def _fsync_dir(folder):

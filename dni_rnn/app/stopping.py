@@ -6,6 +6,9 @@ and raises `RunInterrupted`, which the CLI turns into a line naming the checkpoi
 command that resumes it, and the conventional exit status (128 + the signal: 130, 143).
 A second signal while it saves only prints that the save is under way; checkpoints are
 written atomically in any case (temp file, fsync, rename).
+
+A rank of a torchrun run that loses another (killed, crashed) stops with `RankLost`, one
+line, instead of a traceback from the failed collective (`training.train`).
 """
 import signal
 import sys
@@ -25,6 +28,12 @@ class RunInterrupted(Exception):
 
     def __reduce__(self):  # through a process pool (compare --jobs)
         return type(self), (self.signum, self.step, self.checkpoint)
+
+
+class RankLost(ConnectionError):
+    """Under torchrun another process of the run died, and a collective of this one failed.
+    A ConnectionError (an OSError), so the command line prints its one line on every rank
+    that is left, not only on rank 0 as it does for the errors every rank meets alike."""
 
 
 class StopSignals:

@@ -10,6 +10,10 @@ for evaluation. Under torchrun, `train` joins the ranks (`distributed.from_env`)
 """
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import torch
 
 from . import checkpoint as ckpt
@@ -18,8 +22,9 @@ from .. import distributed
 from .cores import CoreShare
 from .config import Config, ConfigError, target_scale, validate
 from .run import Run, build_synthesizers, select_device
+from .stopping import RankLost
 from .tasks import build_task
-from ..tbptt import TBPTTRunner, forward_with_resets
+from ..tbptt import NonFiniteLossError, TBPTTRunner, forward_with_resets
 
 
 def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
@@ -35,7 +40,9 @@ def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
     Returns:
         dict: steps, tokens, best and final validation metric, test metric, run_dir, ...
     Raises:
-        ConfigError, CheckpointError, corpora.CorpusError, NonFiniteLossError.
+        ConfigError, CheckpointError (also a failed write into the run directory: a
+            full disk, a read-only or vanished directory), corpora.CorpusError,
+            NonFiniteLossError, stopping.RankLost (under torchrun: another rank died).
     """
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -47,18 +54,68 @@ def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
         share = CoreShare()
         share.apply()
     world = distributed.from_env()  # one process alone, or this rank under torchrun
+    run = None
     try:
         run = Run(cfg, out_dir, resume, data_dir, quiet, world)
         run.cores = share
         summary = run.setup().train().cleanup()
         world.close(sync=True)  # every rank finished: leave together
         return summary
+    except OSError as e:  # a write into the run directory failed: one line says what to do
+        if run is None or not e.filename or not _in(e.filename, run.run_dir):
+            raise
+        raise ckpt.write_error(Path(e.filename), e) from None
+    except NonFiniteLossError as e:  # train.on_nonfinite=raise; in the app's words
+        what = re.sub(r"^chunk \d+: ", "", str(e).split(";")[0])
+        where = f"update {run.step + 1}: " if run is not None else ""
+        raise NonFiniteLossError(
+            f"{where}{what} (train.on_nonfinite=raise), the run stopped: lower optim.lr or set "
+            "optim.clip, or --set train.on_nonfinite=skip to drop such updates; "
+            f"{_resume_hint(run)}") from None
+    except RuntimeError as e:
+        if world.distributed and _in_collective(e):
+            raise _rank_lost(world, run, e) from None
+        raise
     finally:  # leave the process as we found it (train() also runs inside tests, sweeps)
         if share is not None:
             share.close()
         world.close()  # after an error: no barrier a crashed peer would never reach
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _in(filename, folder):
+    return Path(os.path.abspath(filename)).parent == Path(os.path.abspath(folder))
+
+
+def _in_collective(e):
+    """Whether `e` is torch's error from a collective (raised inside torch.distributed or by
+    our calls of it in distributed.py, such as the wait on an all-reduce): a peer is gone."""
+    if isinstance(e, getattr(torch.distributed, "DistError", ())):
+        return True
+    if type(e).__module__.split(".")[0] in ("dni_rnn", "corpora"):  # our own errors
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    file = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return (os.path.abspath(file) == os.path.abspath(distributed.__file__)
+            or "torch/distributed/" in file.replace(os.sep, "/"))
+
+
+def _resume_hint(run):
+    last = run.run_dir / "last.pt" if run is not None else None
+    if last is not None and last.is_file():
+        return f"--resume continues from {last}"
+    return "no checkpoint was written yet: start it again"
+
+
+def _rank_lost(world, run, e):
+    why = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip() or type(e).__name__).splitlines()[0])
+    why = why.split(". ")[0][:160]
+    return RankLost(f"rank {world.rank} of {world.size}: another process of this run is gone "
+                    f"(a collective failed: {why}); this rank stops too; the same torchrun "
+                    f"command with {_resume_hint(run)}")
 
 
 def evaluate_checkpoint(path, split="test", data_dir=None, device="auto"):
