@@ -47,22 +47,28 @@ TINY = ["model.embed_dim=16", "model.hidden_dim=16", "model.dropout=0.2",
         "train.diagnose_horizons=1,2,3"]
 
 
-def test_training_with_diagnostics_is_bit_identical(ptb_dir, tmp_path):
-    data = str(ptb_dir.parent)
+def train_with_and_without_diagnosis(recipe, overrides, tmp_path, data_dir=None):
+    """The records of a run with `train.diagnose_every=2` and of the same run without, after
+    checking that diagnosis changed nothing: the same losses and the same final weights."""
     runs = {}
     for every in (0, 2):
         out = tmp_path / f"every{every}"
-        train(load_recipe("ptb-word-small-smoke", TINY + [f"train.diagnose_every={every}"]),
-              out_dir=out, data_dir=data, quiet=True)
+        train(load_recipe(recipe, overrides + [f"train.diagnose_every={every}"]),
+              out_dir=out, data_dir=data_dir, quiet=True)
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         runs[every] = (recs, ckpt.load(out / "last.pt"))
     (off, c_off), (on, c_on) = runs[0], runs[2]
     losses = lambda recs: [(r["step"], r["loss"]) for r in recs if r["kind"] == "train"]
     assert losses(off) == losses(on)
-    for k, v in c_off["model"].items():
-        assert torch.equal(v, c_on["model"][k]), k
-    for k, v in c_off["synthesizer"].items():
-        assert torch.equal(v, c_on["synthesizer"][k]), k
+    for part in ("model", "synthesizer"):
+        for k, v in c_off[part].items():
+            assert torch.equal(v, c_on[part][k]), k
+    return off, on
+
+
+def test_training_with_diagnostics_is_bit_identical(ptb_dir, tmp_path):
+    off, on = train_with_and_without_diagnosis("ptb-word-small-smoke", TINY, tmp_path,
+                                               str(ptb_dir.parent))
     diag = [r for r in on if r["kind"] == "diagnose"]
     assert [r["step"] for r in diag] == [2, 4, 6, 8, 10, 12][:len(diag)] and len(diag) >= 4
     assert all(-1 <= r["cos_k1"] <= 1 and r["true_norm_k1"] > 0 for r in diag)
@@ -74,18 +80,7 @@ def test_copy_episodes_are_diagnosed_at_every_boundary_without_changing_training
     # episodes, every diagnosis, whatever the current episode's position
     base = ["train.truncation=2", "task.start_length=2", "train.max_steps=8",
             "train.progress=false", "train.log_interval=1", "train.diagnose_horizons=1,2"]
-    runs = {}
-    for every in (0, 2):
-        out = tmp_path / f"every{every}"
-        train(load_recipe("copy-smoke", base + [f"train.diagnose_every={every}"]),
-              out_dir=out, quiet=True)
-        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[every] = (recs, ckpt.load(out / "last.pt"))
-    (off, c_off), (on, c_on) = runs[0], runs[2]
-    losses = lambda recs: [(r["step"], r["loss"]) for r in recs if r["kind"] == "train"]
-    assert losses(off) == losses(on)
-    for k, v in c_off["model"].items():
-        assert torch.equal(v, c_on["model"][k]), k
+    _, on = train_with_and_without_diagnosis("copy-smoke", base, tmp_path)
     diag = [r for r in on if r["kind"] == "diagnose"]
     assert [r["step"] for r in diag] == [2, 4, 6, 8]
     # 4 blocks x boundaries 2 and 4 (at 4, K = 2 does not fit)
