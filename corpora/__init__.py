@@ -11,7 +11,7 @@ from .errors import CorpusError, VocabularyMismatch
 from .hf import load_hf, load_wikitext
 from .ptb import load_ptb, locate_ptb
 from .synthetic import (Curriculum, TaskBatch, bit_errors, copy_task, episode_length,
-                        repeat_copy_task)
+                        offset_streams, repeat_copy_task)
 from .text import load_text_files
 from .tokenizers import CharTokenizer, WordTokenizer
 from .vocab import Vocabulary
@@ -21,5 +21,5 @@ __all__ = [
     "load_ptb", "locate_ptb", "load_text_files", "load_hf", "load_wikitext",
     "WordTokenizer", "CharTokenizer",
     "batchify", "batchify_mask", "split_streams",
-    "copy_task", "repeat_copy_task", "episode_length", "bit_errors", "Curriculum", "TaskBatch",
+    "copy_task", "repeat_copy_task", "offset_streams", "episode_length", "bit_errors", "Curriculum", "TaskBatch",
 ]

@@ -161,6 +161,41 @@ def repeat_copy_task(batch_size: int, seq_len: int, repeats: int, n_episodes: in
     return TaskBatch(*(t.to(device) for t in out)) if device is not None else out
 
 
+def offset_streams(batch: TaskBatch, max_offset: int,
+                   generator: torch.Generator | None = None) -> TaskBatch:
+    """Start each stream at a random phase: stream b is delayed by r_b blank steps.
+
+    With every stream at the same phase, every chunk of a TBPTT walk holds the same part of
+    an episode in all B streams (only reading, or only writing). Delaying stream b by r_b,
+    uniform in [0, max_offset), spreads the chunk boundaries over the episode. The blank
+    steps read zeros and count no loss; the block keeps its length L, so the last episode
+    of a delayed stream loses its last r_b steps (what is left of it still counts: its
+    answers follow their inputs).
+
+    Args:
+        batch: episodes from ``copy_task`` or ``repeat_copy_task``.
+        max_offset: the offsets' bound, usually the episode length.
+        generator: where the offsets are drawn from.
+    """
+    if int(max_offset) < 1:
+        raise CorpusError(f"max_offset must be positive, got {max_offset}")
+    steps, b = batch.mask.shape
+    offsets = torch.randint(0, int(max_offset), (b,), generator=generator)
+    time = torch.arange(steps).unsqueeze(1) - offsets.unsqueeze(0)   # (L, B) source step
+    valid = time >= 0
+    src = time.clamp(min=0)
+
+    def shift(t):
+        index = src.reshape(steps, b, *([1] * (t.dim() - 2))).expand_as(t)
+        out = t.gather(0, index)
+        keep = valid.reshape(steps, b, *([1] * (t.dim() - 2)))
+        return out * keep if out.dtype != torch.bool else out & keep
+
+    resets = shift(batch.resets)
+    resets[0] = True
+    return TaskBatch(shift(batch.inputs), shift(batch.targets), shift(batch.mask), resets)
+
+
 def bit_errors(outputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                logits: bool = True) -> torch.Tensor:
     """Wrong bits on the counted steps: the numerator of the curriculum's error.

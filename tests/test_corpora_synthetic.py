@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from corpora import (Curriculum, CorpusError, bit_errors, copy_task, episode_length,
-                     repeat_copy_task)
+                     offset_streams, repeat_copy_task)
 
 
 def test_copy_layout():
@@ -44,6 +44,29 @@ def test_determinism_and_generator_streams():
     second = [repeat_copy_task(2, 2, 3, generator=g2).inputs for _ in range(2)]
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert not torch.equal(first[0], first[1])              # the generator moves on
+
+
+def test_offset_streams_delay_each_stream_by_blank_steps():
+    L_ep = episode_length(3)
+    b = copy_task(batch_size=64, seq_len=3, n_episodes=3, bits=4, seed=0)
+    o = offset_streams(b, L_ep, torch.Generator().manual_seed(5))
+    assert all(t.shape == u.shape and t.dtype == u.dtype for t, u in zip(o, b))
+    offsets = []
+    for s in range(64):
+        r = int(o.resets[1:, s].nonzero()[0]) + 1 if not o.resets[1:, s].all() else 0
+        r = 0 if torch.equal(o.inputs[:, s], b.inputs[:, s]) else r
+        offsets.append(r)
+        assert 0 <= r < L_ep and o.resets[0, s]
+        assert o.inputs[:r, s].sum() == 0 and not o.mask[:r, s].any()   # blank, no loss
+        for t_new, t_old in zip(o, b):                                  # then the episodes
+            assert torch.equal(t_new[r:, s], t_old[:len(t_old) - r, s])
+    assert len(set(offsets)) > L_ep // 2                                # phases spread
+    again = offset_streams(b, L_ep, torch.Generator().manual_seed(5))
+    assert all(torch.equal(t, u) for t, u in zip(o, again))
+    r = repeat_copy_task(4, 2, 2, 2, bits=4, seed=1)
+    assert offset_streams(r, episode_length(2, 2)).mask.shape == r.mask.shape
+    with pytest.raises(CorpusError, match="max_offset"):
+        offset_streams(b, 0)
 
 
 def test_bit_errors():

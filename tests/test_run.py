@@ -60,3 +60,20 @@ def test_the_copy_task_state_keeps_its_last_error():
     again = CopyTask(load_recipe("copy-smoke"))
     again.load_state_dict(task.state_dict())
     assert again.last_error == task.last_error and again.last_error == again.last_error  # not nan
+
+
+def test_copy_streams_of_several_episodes_at_random_offsets_resume_the_same_block():
+    import torch
+    from dni_rnn.tasks import CopyTask
+    cfg = load_recipe("copy-smoke", ["task.episodes=3", "task.random_offsets=true"])
+    task = CopyTask(cfg)
+    first = task.train_stream("cpu")
+    assert first.inputs.shape[0] == 3 * 4 and first.resets[0].all()       # N=1: 4 steps each
+    assert len({tuple(first.resets[:, s].tolist()) for s in range(32)}) > 1  # phases differ
+    saved = task.stream_state()
+    second = task.train_stream("cpu")
+    assert not torch.equal(first.inputs, second.inputs)
+    again = CopyTask(cfg).load_stream_state(saved, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with pytest.raises(ConfigError, match="task.episodes"):
+        validate(load_recipe("copy-smoke", ["task.episodes=0"]))

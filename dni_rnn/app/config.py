@@ -99,6 +99,11 @@ class TaskConfig:
                                 "is below this many bits per sequence")
     max_repeats: int = _f(5, "repeat-copy: the largest number of repeats")
     eval_sequences: int = _f(256, "fixed validation sequences per curriculum check")
+    episodes: int = _f(1, "training: episodes one after another in each stream of a block "
+                          "(the state is reset at each episode's start)")
+    random_offsets: bool = _f(False, "training: delay each stream by a random number of "
+                                     "blank steps below the episode length, so that chunk "
+                                     "boundaries fall at every phase of an episode")
 
 
 @dataclass
@@ -415,6 +420,7 @@ def validate(cfg):
     horizons(cfg)
     need(cfg.task.start_length >= 1 and cfg.task.length_step >= 1,
          "task.start_length and task.length_step must be >= 1")
+    need(cfg.task.episodes >= 1, f"task.episodes must be >= 1, got {cfg.task.episodes}")
     device = cfg.train.device
     need(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}")

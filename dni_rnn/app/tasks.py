@@ -270,23 +270,32 @@ class CopyTask:
     def steps_per_stream(self):
         return None
 
-    def episodes(self, batch_size, length, generator, device=None):
-        """A block of `batch_size` episodes at length N = `length` (`corpora.TaskBatch`)."""
+    def episodes(self, batch_size, length, generator, n_episodes=1, device=None):
+        """`batch_size` streams of `n_episodes` episodes at length N = `length`
+        (`corpora.TaskBatch`)."""
         t = self.cfg.task
         if self.repeat:
             # the repeat count grows with the curriculum too: R = min(N, max_repeats)
             repeats = min(length, t.max_repeats)
-            return corpora.repeat_copy_task(batch_size, length, repeats, bits=t.bits,
-                                                 max_repeats=t.max_repeats, generator=generator,
-                                                 device=device)
-        return corpora.copy_task(batch_size, length, bits=t.bits, generator=generator,
-                                      device=device)
+            return corpora.repeat_copy_task(batch_size, length, repeats, n_episodes, bits=t.bits,
+                                            max_repeats=t.max_repeats, generator=generator,
+                                            device=device)
+        return corpora.copy_task(batch_size, length, n_episodes, bits=t.bits, generator=generator,
+                                 device=device)
 
     def train_stream(self, device):
         # remember how this block was drawn, so that a resumed run draws the very same one
         self._stream_seed = {"generator": self.generator.get_state(), "length": self.length}
-        return self._pack(self.episodes(self.cfg.data.batch_size, self.length, self.generator),
-                          device)
+        return self._pack(self._training_block(self.length, self.generator), device)
+
+    def _training_block(self, length, generator):
+        """B streams of `task.episodes` episodes, each delayed by a random offset when
+        `task.random_offsets` (`corpora.offset_streams`)."""
+        t = self.cfg.task
+        batch = self.episodes(self.cfg.data.batch_size, length, generator, t.episodes)
+        if not t.random_offsets:
+            return batch
+        return corpora.offset_streams(batch, batch.mask.shape[0] // t.episodes, generator)
 
     def _pack(self, batch, device):
         # every rank draws the whole block (B episodes) and keeps its own B / W columns
@@ -301,8 +310,7 @@ class CopyTask:
     def load_stream_state(self, state, device):
         after = self.generator.get_state()
         self.generator.set_state(state["generator"])
-        stream = self._pack(self.episodes(self.cfg.data.batch_size, state["length"],
-                                          self.generator), device)
+        stream = self._pack(self._training_block(state["length"], self.generator), device)
         self.generator.set_state(after)
         self._stream_seed = state
         return stream
@@ -311,8 +319,7 @@ class CopyTask:
         """`n` fresh blocks of episodes at the current length, drawn from a generator of
         their own, for the in-training diagnosis (`Run.diagnose`)."""
         g = torch.Generator().manual_seed(seed)
-        return [self._pack(self.episodes(self.cfg.data.batch_size, self.length, g), device)
-                for _ in range(n)]
+        return [self._pack(self._training_block(self.length, g), device) for _ in range(n)]
 
     def diagnosis_stream(self, split, device):
         """A fresh block of training episodes at the current length (any split)."""
