@@ -2,7 +2,7 @@
 
     import dni_rnn as dni
 """
-from . import distributed, nest, replay
+from . import distributed, nest, replay, traces
 from .cells import CellLoop, LayerNormLSTMCell, MinimalGRUCell
 from .deferred import DeferredBackward, backward, defer_backward
 from .dni_step import DNIStep
@@ -10,6 +10,7 @@ from .interfaces import BackwardInterface, BidirectionalInterface, ForwardInterf
 from .models import RNNLanguageModel, SequenceModel
 from .synthesizers import (
     BasicSynthesizer,
+    RecurrentSynthesizer,
     StateSynthesizer,
     current_context,
     state_dim,
@@ -42,7 +43,7 @@ def load(path, device="auto"):
 
 __all__ = [
     "nest", "distributed", "BackwardInterface", "ForwardInterface", "BidirectionalInterface", "TriggerStats",
-    "BasicSynthesizer", "StateSynthesizer", "state_dim", "synthesizer_context",
+    "BasicSynthesizer", "StateSynthesizer", "RecurrentSynthesizer", "state_dim", "synthesizer_context",
     "current_context", "DeferredBackward", "defer_backward", "backward",
     "TBPTTRunner", "DNIStep", "evaluate", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
     "RandomTruncation", "RNNLanguageModel", "SequenceModel", "CellLoop",

@@ -5,6 +5,8 @@ For chunk k (docs/design.md, "One chunk with DNI"):
     begin     s_k -> trigger (the real gradient that reaches it trains M)
     inject    at s_{k+1}: beta * g_hat into the deferred backward (capped, gated, zeroed for
               streams that restart), the bootstrap's second VJP when lambda != beta, Aux
+    finish    after the backward: BP(lambda)'s share of the TD error for earlier boundaries
+              (`traces.py`), the end of a stream
     account   after the backward and the chunk's one host sync: the target RMS, the
               calibration, the metrics, the guard (which may reset the synthesizer)
     replay    after the optimizer step: extra synthesizer updates on recent triggers
@@ -23,6 +25,7 @@ from .stability import (Calibration, DivergenceGuard, TargetRMS, cap_norm,
                         forget_optimizer_state, zero_output_)
 from .streams import zero_streams
 from .synthesizers import current_context, state_dim
+from .traces import SynthTraces, flat_streams, message_at, state_jacobian
 
 
 @dataclass
@@ -37,6 +40,9 @@ class Boundary:
     capped: object = None    # fraction of streams the cap scaled down
     aux: object = None       # the DNI + Aux loss
     proposal: object = None  # the target RMS this chunk proposes (`pending`), committed in `account`
+    state: object = None     # the incoming state (BP(lambda) traces)
+    memory: object = None    # a recurrent synthesizer's memory at the trigger (traces)
+    jacobian: object = None  # the chunk's state Jacobian (B, D, D) (traces)
 
 
 class DNIStep:
@@ -57,12 +63,22 @@ class DNIStep:
         replay, replay_chunks: replayed synthesizer updates (`replay.SynthReplay`).
         refit: the ridge penalty of a closed-form refit of the synthesizer's last layer on
             the replay buffer after every update (0: off; `replay.SynthReplay`).
+        trace_decay: BP(lambda)'s lambda: the synthesizer also learns from later chunks' TD
+            errors through eligibility traces that decay by bootstrap * trace_decay per chunk,
+            `bootstrap` being BP(lambda)'s discount gamma (0: off; `traces.SynthTraces`).
+        trace_horizon: how many chunks back the traces reach.
     """
 
     def __init__(self, synthesizer, sg_scale=0.1, bootstrap=None, warmup=0, target_scale="rms",
                  sg_cap=1.0, guard=True, calibrate=False, aux_head=None, aux_weight=0.0,
-                 batch_dim=None, replay=0, replay_chunks=32, refit=0.0):
+                 batch_dim=None, replay=0, replay_chunks=32, refit=0.0, trace_decay=0.0,
+                 trace_horizon=32):
         self.check_settings(sg_scale, bootstrap, target_scale, sg_cap)
+        self.recurrent = getattr(synthesizer, "recurrent", False)
+        if self.recurrent and (replay or refit):
+            raise ValueError("replay and refit need a feed-forward synthesizer (a recurrent "
+                             "one's message depends on a memory that replayed triggers lack); "
+                             "set replay=0 and refit=0")
         self.sg_scale = float(sg_scale)
         self.bootstrap = self.sg_scale if bootstrap is None else float(bootstrap)
         if aux_weight and aux_head is None:
@@ -79,6 +95,7 @@ class DNIStep:
         self.recoveries = 0
         self._recovered = False
         self.replay = SynthReplay(replay, replay_chunks, batch_dim, ridge=refit)
+        self.traces = SynthTraces(trace_decay, trace_horizon, batch_dim)
         self.params = list(synthesizer.parameters())
         if self.aux_on:
             self.params += list(aux_head.parameters())
@@ -157,14 +174,23 @@ class DNIStep:
                 reference = nest.unflatten(state, [r.to(t.device) for r, t in zip(refs, tensors)])
         boundary.trigger = self.interface.make_trigger(state, target_scale=boundary.scale,
                                                        reference=reference,
-                                                       keep=bool(self.replay))
+                                                       keep=bool(self.replay) or bool(self.traces))
+        if self.traces:
+            boundary.state = nest.detach(state)
+        if self.recurrent:  # the message at the trigger read the memory before this boundary
+            if self.traces:
+                boundary.memory = self.synthesizer.memory_for(state)
+            self.synthesizer.advance(state)
         return boundary
 
     # ---- the chunk's end -----------------------------------------------------------------
 
-    def inject(self, b, new_state, first=None, next_resets=None):
+    def inject(self, b, new_state, first=None, next_resets=None, resets=None):
         """Inside the deferred block: beta * gate * g_hat at `new_state`, the bootstrap
-        correction, the Aux loss."""
+        correction, the Aux loss; with traces, the chunk's state Jacobian. `resets` (T, B):
+        the streams that restarted inside the chunk (a recurrent synthesizer forgets them)."""
+        if self.recurrent and resets is not None:
+            self.synthesizer.reset_streams(resets.any(dim=0))
         g_hat, b.capped = self.synthesize(new_state, b.scale)
         if next_resets is not None:
             g_hat = zero_streams(g_hat, next_resets, self.batch_dim)
@@ -180,6 +206,8 @@ class DNIStep:
         if self.aux_on:
             b.aux = self._aux_loss(first, predicted, b.scale)
             deferred.backward(self.aux_weight * b.aux)
+        if self.traces:
+            b.jacobian = state_jacobian(b.trigger, new_state, self.batch_dim)
 
     def synthesize(self, new_state, scale):
         """g_hat at a boundary, capped per stream at sg_cap x the targets' RMS norm, and the
@@ -214,6 +242,42 @@ class DNIStep:
         return sum((p - scale * t).pow(2).sum() for p, t in zip(preds, targets)) / batch
 
     # ---- after the backward ----------------------------------------------------------------
+
+    def finish(self, b, future):
+        """After the chunk's backward, before the gradients are synced and clipped: BP(lambda)
+        hands this boundary's TD error to the earlier ones (`traces.py`) and keeps this one;
+        at the end of a stream (`future` False) the traces and a recurrent memory end."""
+        if self.traces:
+            self._trace_backward(b)
+            if future:
+                self.traces.push(b.state, b.memory, b.jacobian)
+            else:
+                self.traces.clear()
+        if not future and self.recurrent:
+            self.synthesizer.reset()
+
+    def _trace_backward(self, b):
+        stats = self.interface.last_stats
+        if not self.traces.entries or not stats.filled or self.is_zero(b.scale):
+            return
+        if current_context() is not None:
+            raise ValueError("BP(lambda) traces do not support a synthesizer context (cDNI); "
+                             "set trace_decay=0")
+        tensors = nest.flatten(b.state)
+        real = [stats.gradients.get(i, torch.zeros_like(t)) for i, t in enumerate(tensors)]
+        with torch.no_grad():
+            message = nest.flatten(message_at(self.synthesizer, b.state, b.memory))
+        delta = b.scale * flat_streams(real, self.batch_dim) \
+            - flat_streams(message, self.batch_dim)  # TD error, target units
+        self.traces.backward(self.synthesizer, delta, self.bootstrap * self.traces.decay,
+                             stats.batch_size)
+
+    def restart(self):
+        """The streams start again from zero (a skipped chunk): the traces and a recurrent
+        synthesizer's memory end."""
+        self.traces.clear()
+        if self.recurrent:
+            self.synthesizer.reset()
 
     def pending(self, b):
         """What `account` decides on, still on the device: (mean square of the real
@@ -264,6 +328,7 @@ class DNIStep:
                 forget_optimizer_state(opt, self.params)
         self.target_rms.reset()
         self.replay.clear()  # its targets may be the runaway ones
+        self.traces.clear()  # so may the TD errors it would hand back
         self._recovered = True  # nor is this chunk's own trigger kept (`keep`)
         if self.calibration is not None:
             self.calibration.reset()
@@ -321,7 +386,8 @@ class DNIStep:
                 "calibration": (self.calibration.state_dict()
                                 if self.calibration is not None else None),
                 "reference": self._reference,
-                "replay": self.replay.state_dict() if self.replay else None}
+                "replay": self.replay.state_dict() if self.replay else None,
+                **({"traces": self.traces.state_dict()} if self.traces else {})}
 
     def load_state_dict(self, state):
         if "target_rms" in state:  # checkpoints before the guard have none of these
@@ -336,6 +402,8 @@ class DNIStep:
             self._reference = state.get("reference")
         if self.replay and state.get("replay") is not None:
             self.replay.load_state_dict(state["replay"])
+        if self.traces and state.get("traces") is not None:
+            self.traces.load_state_dict(state["traces"])
 
 
 def _sum(tensors):

@@ -174,19 +174,131 @@ class StateSynthesizer(nn.Module):
             self.synthesizer.last_layer
 
     def forward(self, trigger, context=None):
-        tensors = nest.flatten(trigger)
+        return self.unflatten(trigger, self.synthesizer(self.flatten(trigger), context))
+
+    def unflatten(self, state, flat):
+        """`flatten`'s inverse: `(B, D)` back into the structure and shapes of `state`."""
+        tensors = nest.flatten(state)
         dims = [self._batch_dim(t) for t in tensors]
-        flat = [t.movedim(d, 0).reshape(t.shape[d], -1) for t, d in zip(tensors, dims)]
-        message = self.synthesizer(torch.cat(flat, dim=1), context)
-        pieces = message.split([f.shape[1] for f in flat], dim=1)
+        pieces = flat.split([t.numel() // t.shape[d] for t, d in zip(tensors, dims)], dim=1)
         out = [
             p.reshape(t.movedim(d, 0).shape).movedim(0, d)
             for p, t, d in zip(pieces, tensors, dims)
         ]
-        return nest.unflatten(trigger, out)
+        return nest.unflatten(state, out)
 
     def _batch_dim(self, t):
         d = nest.batch_dimension(t, self.batch_dim)
         if d is None:
             raise ValueError("StateSynthesizer needs state tensors with a batch dimension")
         return d
+
+
+class GRUSynthesizer(nn.Module):
+    """The flat core of `RecurrentSynthesizer`: `(B, D)` boundary states -> `(B, D)` messages,
+    with a memory `(B, H)` per stream carried from boundary to boundary.
+
+        h = GRUCell(x, memory)        message = W [h; x] + b     (W, b zero at the start)
+
+    Calling it does not move the memory: `advance(x)` does.
+    """
+
+    def __init__(self, dim, hidden_dim=None):
+        super().__init__()
+        self.hidden_dim = hidden_dim or dim
+        self.cell = nn.GRUCell(dim, self.hidden_dim)
+        self.readout = nn.Linear(self.hidden_dim + dim, dim)
+        self.memory = None  # (B, H), detached; None: every stream starts afresh
+        self.zero_output_()
+
+    @torch.no_grad()
+    def zero_output_(self):
+        nn.init.zeros_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
+
+    def carried(self, x):
+        """The memory for a batch like `x`: zeros when there is none for that many streams."""
+        m = self.memory
+        if m is None or m.shape[0] != x.shape[0]:
+            return x.new_zeros(x.shape[0], self.hidden_dim)
+        return m.to(device=x.device, dtype=x.dtype)
+
+    def message(self, x, memory):
+        return self.readout(torch.cat([self.cell(x, memory), x], dim=1))
+
+    def forward(self, x, context=None):
+        if context is not None:
+            raise ValueError("RecurrentSynthesizer takes no context (cDNI); use "
+                             "StateSynthesizer.mlp(..., context_dim=...)")
+        return self.message(x, self.carried(x))
+
+    @torch.no_grad()
+    def advance(self, x):
+        self.memory = self.cell(x, self.carried(x)).detach()
+
+    def reset_streams(self, mask):
+        """Zero the memory of the streams where `mask` (B,) is True (no host sync)."""
+        if self.memory is not None and self.memory.shape[0] == mask.shape[0]:
+            self.memory = self.memory * (~mask.to(self.memory.device)).to(self.memory.dtype)[:, None]
+
+    def get_extra_state(self):
+        return {"memory": self.memory}
+
+    def set_extra_state(self, state):
+        self.memory = state.get("memory")
+
+
+class RecurrentSynthesizer(StateSynthesizer):
+    """A synthesizer with a memory of the stream: a GRU over the boundary states.
+
+    At boundary k it reads the whole state s_k (flattened as by `StateSynthesizer`) and its
+    memory of the stream's earlier boundaries, and writes the message from the GRU's new
+    hidden state and s_k itself; the output layer starts at zero, so training starts as
+    plain TBPTT, and with the GRU's part unused it is the linear synthesizer.
+
+    The memory is carried and reset like the model's state: `TBPTTRunner` calls `advance`
+    once per chunk, at the chunk's trigger, `reset_streams` for the streams that restart
+    inside a chunk and `reset` at the end of a stream. It is carried detached (the GRU learns
+    through one boundary at a time, as the model learns through one chunk) and is part of
+    `state_dict()` (a checkpoint resumes it). Called on a batch of another width (e.g. the
+    diagnostics' own episodes) it starts from an empty memory. Replay and refit, whose
+    stored triggers lack the memory, and contexts (cDNI) are refused.
+
+    Args:
+        state_dim: features per example of the state (`state_dim(state)`).
+        hidden_dim: the GRU's width (default: state_dim).
+        batch_dim: as for `StateSynthesizer`.
+    """
+
+    recurrent = True
+
+    def __init__(self, state_dim, hidden_dim=None, batch_dim=None):
+        super().__init__(GRUSynthesizer(state_dim, hidden_dim), batch_dim=batch_dim)
+
+    @property
+    def memory(self):
+        """The carried memory, `(B, hidden_dim)`, or None before the first boundary."""
+        return self.synthesizer.memory
+
+    def memory_for(self, state):
+        """The memory the message at `state` reads now (zeros for a new batch width)."""
+        return self.synthesizer.carried(self.flatten(state))
+
+    def message(self, state, memory):
+        """The message at `state` from a given `memory` (not the carried one)."""
+        return self.unflatten(state, self.synthesizer.message(self.flatten(state), memory))
+
+    def advance(self, state):
+        """Move the memory past the boundary `state` (detached)."""
+        self.synthesizer.advance(self.flatten(nest.detach(state)))
+
+    def reset_streams(self, mask):
+        self.synthesizer.reset_streams(mask)
+
+    def reset(self):
+        """Forget every stream (a new stream starts)."""
+        self.synthesizer.memory = None
+
+    def features(self, state, context=None):
+        raise ValueError("a recurrent synthesizer cannot be refit in closed form (its message "
+                         "depends on its memory); use dni.synthesizer=mlp with dni.refit")

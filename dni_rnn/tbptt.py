@@ -11,7 +11,8 @@ One chunk k covers steps [a, b) of a time-major stream:
 The runner owns the walk, the update (clip, step), non-finite handling and the data-parallel
 sync; what happens at the boundaries belongs to a `DNIStep` (dni_step.py). lambda == beta
 comes free with the one backward pass; any other lambda adds a second vector-Jacobian
-product through the recurrent core only (docs/design.md, "One chunk with DNI").
+product through the recurrent core only (docs/design.md, "One chunk with DNI"). BP(lambda)
+(`trace_decay` > 0, traces.py) also hands each TD error back to earlier boundaries.
 """
 import math
 
@@ -51,15 +52,17 @@ class TBPTTRunner:
             are averaged and trigger statistics summed over the ranks; None: one process.
         dni: a `DNIStep` (instead of `synthesizer` and the keywords below).
         sg_scale, bootstrap, warmup, target_scale, sg_cap, guard, calibrate, aux_head,
-        aux_weight, replay, replay_chunks, refit: the DNI settings, passed to `DNIStep` (its
-            docstring says what each does); the defaults are the stable setting of docs/dni.md.
+        aux_weight, replay, replay_chunks, refit, trace_decay, trace_horizon: the DNI settings,
+            passed to `DNIStep` (its docstring says what each does); the defaults are the
+            stable setting of docs/dni.md. BP(lambda): `bootstrap=gamma, trace_decay=lambda`.
     """
 
     def __init__(self, model, loss_fn, optimizer, truncation=35, synthesizer=None,
                  sg_scale=0.1, bootstrap=None, clip=0.25, synth_clip=None, warmup=0,
                  target_scale="rms", sg_cap=1.0, guard=True, calibrate=False, aux_head=None,
                  aux_weight=0.0, synth_optimizer=None, batch_dim=None, on_nonfinite="raise",
-                 sync=None, replay=0, replay_chunks=32, refit=0.0, dni=None):
+                 sync=None, replay=0, replay_chunks=32, refit=0.0, trace_decay=0.0,
+                 trace_horizon=32, dni=None):
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if dni is not None and synthesizer is not None:
@@ -71,7 +74,7 @@ class TBPTTRunner:
                           target_scale=target_scale, sg_cap=sg_cap, guard=guard,
                           calibrate=calibrate, aux_head=aux_head, aux_weight=aux_weight,
                           batch_dim=batch_dim, replay=replay, replay_chunks=replay_chunks,
-                          refit=refit)
+                          refit=refit, trace_decay=trace_decay, trace_horizon=trace_horizon)
         elif dni is None:
             DNIStep.check_settings(sg_scale, bootstrap, target_scale, sg_cap)
         if dni is not None and sync is not None:  # a rank's trigger gradients are W x one
@@ -134,6 +137,8 @@ class TBPTTRunner:
                 raise
             self._zero_grad()  # the update is dropped; the streams start again from zero
             metrics.skipped, new_state = True, nest.map_state(torch.zeros_like, state)
+            if self.dni is not None:
+                self.dni.restart()
         self.step += 1
         return nest.detach(new_state), metrics
 
@@ -162,7 +167,8 @@ class TBPTTRunner:
             loss = self.loss_fn(outputs, targets)
             deferred.backward(loss)
             if future:
-                dni.inject(boundary, new_state, first, next_resets)
+                dni.inject(boundary, new_state, first, next_resets, resets)
+        dni.finish(boundary, future)
         loss, norm, injected = self._after_backward(loss, dni.interface.last_stats,
                                                     boundary.injected)
         # the chunk's one host sync: everything decided on below

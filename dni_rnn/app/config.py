@@ -4,7 +4,7 @@
       data   what to train on      (corpus, batch size, data directory, token limits)
       task   synthetic tasks only  (copy / repeat-copy: bits, curriculum)
       model  the recurrent network (cell, sizes, dropout)
-      dni    plain TBPTT or DNI    (method, beta, lambda, synthesizer)
+      dni    plain TBPTT or DNI    (method, beta, lambda, BP(lambda), synthesizer)
       optim  optimizer             (Adam or SGD, lr, clip, plateau decay)
       train  the loop              (truncation, budget, validation, seed, device, logs)
 
@@ -47,7 +47,8 @@ def _f(default, help, choices=None):
 LM_CORPORA = ("ptb-word", "ptb-char", "wikitext-2", "wikitext-103", "text", "hf")
 CORPORA = LM_CORPORA + ("copy", "repeat-copy")
 TOKENIZERS = ("auto", "word", "char", "sentencepiece")
-METHODS = ("bptt", "dni", "dni-aux")
+METHODS = ("bptt", "dni", "dni-aux", "bp-lambda")
+SYNTHESIZERS = ("mlp", "gru")
 
 
 @dataclass
@@ -121,13 +122,28 @@ class ModelConfig:
 @dataclass
 class DNIConfig:
     method: str = _f("dni", "bptt: plain truncated BPTT; dni: synthetic gradients at chunk "
-                            "ends; dni-aux: DNI plus the auxiliary prediction loss", METHODS)
+                            "ends; dni-aux: DNI plus the auxiliary prediction loss; bp-lambda: "
+                            "DNI whose synthesizer learns by BP(lambda), with dni.gamma and "
+                            "dni.trace_decay (docs/dni.md)", METHODS)
     sg_scale: float = _f(0.1, "beta, weight of the synthetic gradient injected at a chunk end")
     bootstrap: typing.Optional[float] = _f(None, "lambda in [0, 1], weight of J^T g_hat in the "
                                                  "synthesizer's target; none: equal to sg_scale "
                                                  "(free, the stable setting)")
+    gamma: float = _f(0.9, "bp-lambda only: the discount gamma in [0, 1], the weight of J^T "
+                           "g_hat in the synthesizer's TD target (what dni.bootstrap is to dni)")
+    trace_decay: float = _f(1.0, "bp-lambda only: BP(lambda)'s lambda in [0, 1]; the "
+                                 "synthesizer's eligibility traces decay by gamma x trace_decay "
+                                 "per chunk (0: the one-step target, dni with bootstrap = gamma; "
+                                 "1: regression onto the discounted real future gradient)")
+    trace_horizon: int = _f(32, "bp-lambda only: how many chunks back the traces reach (each "
+                                "holds a streams x D x D state Jacobian, D the state size)")
+    synthesizer: str = _f("mlp", "mlp: a feed-forward synthesizer over the state "
+                                 "(dni.synth_layers); gru: a GRU over the stream's boundary "
+                                 "states, carried and reset like the model's state "
+                                 "(dni.synth_hidden units)", SYNTHESIZERS)
     synth_layers: int = _f(1, "hidden layers of the MLP synthesizer (0: linear)")
-    synth_hidden: int = _f(0, "units per synthesizer hidden layer (0: the state size)")
+    synth_hidden: int = _f(0, "units per synthesizer hidden layer, or of the GRU synthesizer "
+                              "(0: the state size)")
     target_scale: NumberOrMode = _f("rms", "units of the synthesizer's targets: rms (divided by their "
                                   "running RMS), raw, sum, or a number")
     sg_cap: float = _f(1.0, "cap on each stream's synthetic gradient, in running RMS norms of "
@@ -401,6 +417,7 @@ def validate(cfg):
     need(cfg.dni.replay_chunks >= 1, f"dni.replay_chunks must be >= 1, got {cfg.dni.replay_chunks}")
     need(cfg.dni.refit >= 0, f"dni.refit must be >= 0 (0: off), got {cfg.dni.refit}")
     need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
+    _validate_bp_lambda(cfg.dni, need)
     target_scale(cfg)
     need(0 < cfg.optim.plateau_factor <= 1, "optim.plateau_factor must lie in (0, 1]")
     need(0 < cfg.optim.decay_factor <= 1, "optim.decay_factor must lie in (0, 1]")
@@ -426,6 +443,26 @@ def validate(cfg):
          f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}")
     _validate_data(cfg.data, need)
     return cfg
+
+
+def _validate_bp_lambda(d, need):
+    need(0.0 <= d.gamma <= 1.0, f"dni.gamma must lie in [0, 1], got {d.gamma}")
+    need(0.0 <= d.trace_decay <= 1.0, f"dni.trace_decay must lie in [0, 1], got {d.trace_decay}")
+    need(d.trace_horizon >= 1, f"dni.trace_horizon must be >= 1 chunk, got {d.trace_horizon}")
+    need(d.method != "bp-lambda" or d.bootstrap is None,
+         f"dni.bootstrap={d.bootstrap} is dni's target weight; with dni.method=bp-lambda set "
+         "the discount dni.gamma instead (and leave dni.bootstrap none)")
+    need(d.synthesizer != "gru" or not (d.replay or d.refit),
+         "dni.synthesizer=gru cannot replay or refit (its message depends on a memory the "
+         "stored triggers lack); set dni.replay=0 and dni.refit=0, or dni.synthesizer=mlp")
+
+
+def bootstrap_and_traces(cfg):
+    """(bootstrap, trace_decay) for the runner: bp-lambda's are gamma and dni.trace_decay;
+    the other methods keep dni.bootstrap and no traces."""
+    if cfg.dni.method == "bp-lambda":
+        return cfg.dni.gamma, cfg.dni.trace_decay
+    return cfg.dni.bootstrap, 0.0
 
 
 def _validate_data(d, need):

@@ -42,10 +42,10 @@ from .. import diagnostics
 from .. import distributed
 from .. import nest
 from ..streams import forward_with_resets, initial_state
-from .config import ConfigError, horizons, target_scale
+from .config import ConfigError, bootstrap_and_traces, horizons, target_scale
 from .logs import Meter, NullLog, RunLog, progress_bar
 from .stopping import RunInterrupted, StopSignals
-from ..synthesizers import StateSynthesizer, state_dim
+from ..synthesizers import RecurrentSynthesizer, StateSynthesizer, state_dim
 from .tasks import METRICS, build_task
 from ..tbptt import TBPTTRunner
 from ..truncation import FixedTruncation, RandomTruncation
@@ -87,6 +87,8 @@ def build_synthesizers(cfg, model):
         return StateSynthesizer.mlp(d, n_hidden=cfg.dni.synth_layers, hidden_dim=width)
 
     aux = mlp() if cfg.dni.method == "dni-aux" else None
+    if cfg.dni.synthesizer == "gru":
+        return RecurrentSynthesizer(d, hidden_dim=width), aux
     return mlp(), aux
 
 
@@ -165,6 +167,11 @@ class Run:
             raise ConfigError("dni.replay and dni.refit are not supported under torchrun yet (a "
                               "checkpoint would keep one rank's replay buffer); set them to 0 "
                               "or run one process")
+        if w.distributed and cfg.dni.method != "bptt" and (
+                cfg.dni.synthesizer == "gru" or bootstrap_and_traces(cfg)[1]):
+            raise ConfigError("dni.synthesizer=gru and bp-lambda traces are not supported under "
+                              "torchrun yet (a checkpoint would keep one rank's streams); use "
+                              "dni.synthesizer=mlp and dni.trace_decay=0, or run one process")
         # the task (data) first: a failed start leaves no run directory behind
         self.task = w.main_first(lambda: build_task(cfg, self.data_dir, w))
         if not self.task.epoch_based and not (t.max_steps or t.max_tokens):
@@ -185,9 +192,10 @@ class Run:
                                                                 self.aux)
         self.schedule = (RandomTruncation(t.truncation, seed=t.seed) if t.random_truncation
                          else FixedTruncation(t.truncation))
+        bootstrap, trace_decay = bootstrap_and_traces(cfg)
         self.runner = TBPTTRunner(
             self.model, self.task.loss_fn, self.optimizer, truncation=self.schedule,
-            synthesizer=self.synth, sg_scale=cfg.dni.sg_scale, bootstrap=cfg.dni.bootstrap,
+            synthesizer=self.synth, sg_scale=cfg.dni.sg_scale, bootstrap=bootstrap,
             clip=cfg.optim.clip or None, synth_clip=cfg.dni.synth_clip or None,
             warmup=cfg.dni.warmup, target_scale=target_scale(cfg),
             sg_cap=cfg.dni.sg_cap or None, guard=cfg.dni.guard,
@@ -195,7 +203,7 @@ class Run:
             aux_weight=cfg.dni.aux_weight if cfg.dni.method == "dni-aux" else 0.0,
             synth_optimizer=self.synth_optimizer, on_nonfinite=t.on_nonfinite,
             sync=w.gradient_sync(), replay=cfg.dni.replay, replay_chunks=cfg.dni.replay_chunks,
-            refit=cfg.dni.refit)
+            refit=cfg.dni.refit, trace_decay=trace_decay, trace_horizon=cfg.dni.trace_horizon)
         if self.resume:
             ckpt.restore_run(self, self.run_dir / "last.pt")
         if w.main:  # rank 0 alone writes the run directory
