@@ -8,8 +8,10 @@ extras = {
     "sentencepiece": ["sentencepiece>=0.1.99"],
     "plot": ["matplotlib>=3.6"],
     "tensorboard": ["tensorboard>=2.12"],
+    "lightning": ["lightning>=2.2"],  # dni_rnn.lightning; `import dni_rnn` never needs it
 }
-extras["dev"] = ["pytest>=7"] + extras["hf"] + extras["sentencepiece"] + extras["plot"]
+extras["dev"] = (["pytest>=7"] + extras["hf"] + extras["sentencepiece"] + extras["plot"]
+                 + extras["lightning"])
 
 setup(
     name="dni-rnn",
