@@ -21,10 +21,16 @@ features that layer reads (the trigger itself for a linear synthesizer), so it f
 last `chunks` chunks exactly as they are, however fast the model moves. The features are
 standardised inside the solve (float64) and the penalty is `ridge` x the number of rows on
 each standardised feature; the result is folded back into the layer's weight and bias.
+For a linear synthesizer the features are the buffered triggers themselves, so each
+chunk's sums (of x, x x^T, x g^T, g) are computed once, when the refit first meets the chunk,
+and the solve adds them up: a refit then costs one chunk's products and one d x d solve
+instead of the whole buffer's (they take 2 d^2 floats per kept chunk; an MLP's features move
+with its weights and are recomputed every time).
 """
 import torch
 
 from . import nest
+from .synthesizers import BasicSynthesizer
 
 
 class SynthReplay:
@@ -49,6 +55,7 @@ class SynthReplay:
     def clear(self):
         self.states = self.grads = None  # per state tensor: (..., chunks * B, ...)
         self.structure, self.width, self.filled, self.slot = None, 0, 0, 0
+        self.moments = {}  # slot -> its sums, for a linear synthesizer's refit
 
     def __bool__(self):
         return self.steps > 0 or self.ridge > 0
@@ -64,13 +71,16 @@ class SynthReplay:
             self.states = [self._empty(t, d) for t, d in zip(tensors, dims)]
             self.grads = [self._empty(t, d) for t, d in zip(tensors, dims)]
             self.filled = self.slot = 0
+            self.moments = {}
         if self.states[0].device != tensors[0].device:  # resumed from a checkpoint on the CPU
             self.states = [t.to(tensors[0].device) for t in self.states]
             self.grads = [t.to(tensors[0].device) for t in self.grads]
+            self.moments = {}
         a, b = self.slot * width, (self.slot + 1) * width
         for bufs, source in ((self.states, tensors), (self.grads, grads)):
             for buf, t, d in zip(bufs, source, dims):
                 buf.narrow(d, a, b - a).copy_(t.detach())
+        self.moments.pop(self.slot, None)
         self.slot = (self.slot + 1) % self.chunks
         self.filled = min(self.filled + 1, self.chunks)
 
@@ -103,18 +113,36 @@ class SynthReplay:
         n = self.filled * self.width
         if n < 2:
             return
-        keep = lambda bufs: nest.unflatten(self.structure, [b.narrow(d, 0, n)
-                                                            for b, d in zip(bufs, self._dims)])
-        features, layer = synthesizer.features(keep(self.states))
-        X = features.double()
-        Y = scale * synthesizer.flatten(keep(self.grads)).double()
-        mu, sd = X.mean(0), X.std(0)
+        if _reads_its_input(synthesizer):
+            layer = synthesizer.synthesizer.last_layer
+            sums = [self._slot_moments(synthesizer, j) for j in range(self.filled)]
+            sx, sxx, sxg, sg = (sum(m[i] for m in sums) for i in range(4))
+        else:
+            keep = lambda bufs: nest.unflatten(self.structure, [
+                b.narrow(d, 0, n) for b, d in zip(bufs, self._dims)])
+            features, layer = synthesizer.features(keep(self.states))
+            X, G = features.double(), synthesizer.flatten(keep(self.grads)).double()
+            sx, sxx, sxg, sg = X.sum(0), X.T @ X, X.T @ G, G.sum(0)
+        # standardised ridge from the sums: Z = (X - mu) / sd, targets Y = scale * G
+        mu, g_mean = sx / n, sg / n
+        centred = sxx - n * torch.outer(mu, mu)
+        sd = (centred.diagonal().clamp(min=0) / (n - 1)).sqrt()
         sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-        Z, y_mean = (X - mu) / sd, Y.mean(0)
-        A = Z.T @ Z + self.ridge * n * torch.eye(Z.shape[1], dtype=Z.dtype, device=Z.device)
-        W = torch.linalg.solve(A, Z.T @ (Y - y_mean)) / sd[:, None]  # (features, outputs)
+        A = centred / torch.outer(sd, sd)
+        A = A + self.ridge * n * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        b = scale * (sxg - n * torch.outer(mu, g_mean)) / sd[:, None]
+        W = torch.linalg.solve(A, b) / sd[:, None]  # (features, outputs)
         layer.weight.copy_(W.T)
-        layer.bias.copy_(y_mean - mu @ W)
+        layer.bias.copy_(scale * g_mean - mu @ W)
+
+    def _slot_moments(self, synthesizer, j):
+        if j not in self.moments:
+            rows = lambda bufs: nest.unflatten(self.structure, [
+                b.narrow(d, j * self.width, self.width) for b, d in zip(bufs, self._dims)])
+            X = synthesizer.flatten(rows(self.states)).double()
+            G = synthesizer.flatten(rows(self.grads)).double()
+            self.moments[j] = (X.sum(0), X.T @ X, X.T @ G, G.sum(0))
+        return self.moments[j]
 
     def state_dict(self):
         if self.states is None:
@@ -131,3 +159,10 @@ class SynthReplay:
         self.structure, self.width = state["structure"], int(state["width"])
         self.filled, self.slot = int(state["filled"]), int(state["slot"])
         self._shapes, self._dims = [tuple(s) for s in state["shapes"]], list(state["dims"])
+
+
+def _reads_its_input(synthesizer):
+    """Whether the last layer of a `StateSynthesizer` reads the flattened trigger itself."""
+    inner = getattr(synthesizer, "synthesizer", None)
+    return (isinstance(inner, BasicSynthesizer) and inner.output is None
+            and inner.input_context is None)

@@ -138,11 +138,11 @@ def test_refit_solves_the_ridge_regression_on_the_buffer(n_hidden):
     g = torch.Generator().manual_seed(1)
     draw = lambda: tuple(torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
                          for _ in range(2))
-    for _ in range(5):  # the ring keeps the last 3 chunks
-        buffer.add(draw(), draw())
     synth = dni.StateSynthesizer.mlp(12, n_hidden=n_hidden, hidden_dim=5).double()
     before = {k: v.clone() for k, v in synth.state_dict().items()}
-    buffer.refit(synth, scale)
+    for _ in range(5):  # the ring keeps the last 3 chunks; a linear synthesizer's refit
+        buffer.add(draw(), draw())  # keeps each chunk's sums, and must drop those it evicts
+        buffer.refit(synth, scale)
     rows = buffer.filled * buffer.width
     keep = lambda bufs: tuple(b[:, :rows] for b in bufs)
     features, layer = synth.features(keep(buffer.states))
