@@ -127,7 +127,7 @@ class SynthTraces:
             return
         u, w, total = delta.detach(), 1.0, 0.0
         for state, memory, jac in reversed(self.entries):
-            u = torch.einsum("boi,bo->bi", jac.to(u.device), u)  # J_i^T u, stream by stream
+            u = torch.bmm(u.unsqueeze(1), jac.to(u.device)).squeeze(1)  # J_i^T u per stream
             w *= weight
             state = nest.map_state(lambda t: t.to(u.device), state)
             if memory is not None:
