@@ -323,10 +323,13 @@ class TBPTTModule(pl.LightningModule):
             if self.synthesizer is None:
                 raise ValueError(f"{type(self).__name__}.configure_model must call "
                                  "super().configure_model(): it builds the synthesizer")
-            if world.distributed and (self.dni_settings.get("replay")
-                                      or self.dni_settings.get("refit")):
-                raise ValueError("DNI replay and refit are not supported under DDP (each rank "
-                                 "would keep its own buffer); set them to 0")
+            per_stream = [key for key in ("replay", "refit", "trace_decay")
+                          if self.dni_settings.get(key)]
+            if getattr(self.synthesizer, "recurrent", False):
+                per_stream.append("a recurrent synthesizer")
+            if world.distributed and per_stream:  # as under torchrun (app/run.py)
+                raise ValueError(f"DNI with {', '.join(per_stream)} is not supported under DDP "
+                                 "(a checkpoint would keep one rank's streams)")
             dni = DNIStep(self.synthesizer, aux_head=self.aux_head, batch_dim=self.batch_dim,
                           **self.dni_settings)
         runner = TBPTTRunner(
@@ -444,6 +447,9 @@ class TBPTTModule(pl.LightningModule):
         """The state entering `segment`: fresh where the streams start, else the carried one."""
         inputs = segment.inputs
         if segment.start == 0:
+            if carry is self._train_carry and self._runner.dni is not None:
+                self._runner.dni.restart()  # no BP(lambda) trace or synthesizer memory of
+                # a stream left unfinished (a fit stopped mid-epoch) reaches the new one
             return nest.map_state(lambda t: t.to(inputs.device), self.init_state(inputs.shape[1]))
         if segment.start != carry.position:
             raise ValueError(f"a segment starts at step {segment.start} but the carried state is "

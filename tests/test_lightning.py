@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 
 V, B, T = 11, 4, 5
 DNI = {"sg_scale": 0.1, "bootstrap": 0.5}  # lambda != beta: the second VJP runs too
+BP_LAMBDA = {**DNI, "trace_decay": 0.5}    # with a recurrent synthesizer (its memory carried)
 
 
 def test_import_dni_rnn_loads_no_lightning():
@@ -37,12 +38,14 @@ def test_import_dni_rnn_loads_no_lightning():
     assert out.stdout.strip() == "[]"
 
 
-def problem(n_steps=41, seed=0):
+def problem(n_steps=41, seed=0, recurrent=False):
     """A float64 2-layer LSTM LM, its synthesizer, id streams (N + 1, B) and document
     starts, two of them on segment boundaries (steps 10 and 20)."""
     torch.manual_seed(seed)
     net = dni.RNNLanguageModel(V, 8, 8, 2).double()
-    synth = dni.StateSynthesizer.mlp(dni.state_dim(net.init_state(1)), n_hidden=1).double()
+    d = dni.state_dim(net.init_state(1))
+    synth = (dni.RecurrentSynthesizer(d) if recurrent else
+             dni.StateSynthesizer.mlp(d, n_hidden=1)).double()
     ids = torch.randint(0, V, (n_steps + 1, B))
     resets = torch.zeros(n_steps + 1, B, dtype=torch.bool)
     resets[7, 0] = resets[10, 1] = resets[20, 2] = True
@@ -96,10 +99,10 @@ def trainer(**kwargs):
     return L.Trainer(**{**settings, **kwargs})
 
 
-@pytest.mark.parametrize("method", ["bptt", "dni"])
+@pytest.mark.parametrize("method", ["bptt", "dni", "bp-lambda-gru"])
 def test_updates_equal_the_runner(method):
-    net, synth, ids, resets = problem()
-    settings = DNI if method == "dni" else None
+    net, synth, ids, resets = problem(recurrent=method == "bp-lambda-gru")
+    settings = {"bptt": None, "dni": DNI, "bp-lambda-gru": BP_LAMBDA}[method]
     # clipping as Lightning users set it (plain), or the module's own (DNI)
     module = TinyLM(net, synth, dni=settings, clip=None if settings is None else 0.5)
     fit = trainer(gradient_clip_val=0.5 if settings is None else None)
@@ -141,8 +144,11 @@ def test_sequences_of_their_own_per_batch_as_truncated_bptt_steps():
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) <= 1e-10
 
 
-def test_resume_from_a_lightning_checkpoint_is_bit_identical(tmp_path):
-    net, synth, ids, resets = problem()
+@pytest.mark.parametrize("recurrent", [False, True], ids=["dni", "dni-gru"])
+def test_resume_from_a_lightning_checkpoint_is_bit_identical(tmp_path, recurrent):
+    """The GRU synthesizer's memory of the streams is in the module's state_dict."""
+    net, synth, ids, resets = problem(recurrent=recurrent)
+    settings = DNI
     valid = torch.randint(0, V, (17, 3))
 
     def fit(module, ckpt_path=None, callbacks=()):
@@ -151,18 +157,18 @@ def test_resume_from_a_lightning_checkpoint_is_bit_identical(tmp_path):
               StreamLoader.from_ids(valid, length=4), ckpt_path=ckpt_path)
         return t
 
-    straight = TinyLM(net, synth, dni=DNI)
+    straight = TinyLM(net, synth, dni=settings)
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3,
                                                 save_top_k=-1)
     done = fit(straight, callbacks=[saver])
     mid_epoch = tmp_path / "epoch=0-step=6.ckpt"  # 6 of the epoch's 9 chunks trained
     assert mid_epoch.is_file()
     other, _, _, _ = problem(seed=1)  # other weights: all of them must come from the file
-    resumed = TinyLM(other, synth, dni=DNI)
+    resumed = TinyLM(other, synth, dni=settings)
     again = fit(resumed, ckpt_path=mid_epoch)
 
     assert again.global_step == done.global_step == 18
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+    for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(straight._train_carry.state, resumed._train_carry.state):
         assert torch.equal(a, b)
