@@ -62,7 +62,7 @@ from .metrics import read_metrics
 from .streams import check_streams, evaluate
 from .synthesizers import StateSynthesizer, state_dim
 from .tbptt import TBPTTRunner
-from .truncation import as_schedule, next_length
+from .truncation import as_schedule
 
 # the keywords `dni=` takes: DNIStep's settings (its docstring and docs/dni.md say what
 # each does), but for the modules this class builds and the state layout it is given
@@ -349,22 +349,13 @@ class TBPTTModule(pl.LightningModule):
         return runner
 
     def _walk(self, segment, state):
-        """`TBPTTRunner.walk` over one segment, and the resets right after it, which walk,
-        seeing only the segment, cannot take: chunks of the runner's schedule, one update
-        each. Returns (the carried state, the chunks' ChunkMetrics)."""
-        runner, s = self._runner, segment
-        if runner.interface is not None:
-            runner.interface.train()
-        history, a, n = [], 0, s.inputs.shape[0]
-        while a < n:
-            b = min(a + next_length(runner.schedule), n)
-            following = s.next_resets if b == n else s.resets[b] if s.resets is not None else None
-            state, metrics = runner.train_chunk(
-                s.inputs[a:b], s.targets[a:b], state,
-                resets=s.resets[a:b] if s.resets is not None else None,
-                future=b < n or not s.last, next_resets=following)
+        """`TBPTTRunner.walk` over one segment, with the resets right after it: chunks of the
+        runner's schedule, one update each. Returns (the carried state, the chunks'
+        ChunkMetrics)."""
+        s, history = segment, []
+        for _, state, metrics in self._runner.walk(s.inputs, s.targets, state, s.resets,
+                                                   final=s.last, next_resets=s.next_resets):
             history.append(metrics)
-            a = b
         return state, history
 
     def _log_training(self, history):

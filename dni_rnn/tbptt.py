@@ -222,7 +222,8 @@ class TBPTTRunner:
 
     # ---- whole streams -----------------------------------------------------------------
 
-    def walk(self, inputs, targets, state=None, resets=None, start=0, final=True):
+    def walk(self, inputs, targets, state=None, resets=None, start=0, final=True,
+             next_resets=None):
         """Train chunk by chunk from step `start`: the one chunk walk, resumable.
 
         A generator: after each chunk it yields `(end, state, metrics)`, where `end` is the
@@ -236,6 +237,8 @@ class TBPTTRunner:
             resets: optional `(N, B)` bool marks of sequence starts (state zeroed there).
             start: the step to start from.
             final: the streams end at N: no synthetic gradient after the last chunk.
+            next_resets: with `final=False`, the `(B,)` resets of the step after N (the next
+                segment's first row): streams that restart there get no synthetic gradient.
         """
         check_streams(inputs, targets, resets)
         state = initial_state(self.model, inputs, state)
@@ -249,7 +252,7 @@ class TBPTTRunner:
                 inputs[a:b], targets[a:b], state,
                 resets=resets[a:b] if resets is not None else None,
                 future=b < N or not final,
-                next_resets=resets[b] if resets is not None and b < N else None)
+                next_resets=(resets[b] if resets is not None else None) if b < N else next_resets)
             yield b, state, metrics
             a = b
 
