@@ -172,6 +172,10 @@ class OptimConfig:
     name: str = _f("adam", "optimizer", ("adam", "sgd"))
     lr: float = _f(1e-3, "learning rate")
     weight_decay: float = _f(0.0, "L2 weight decay")
+    kernel: str = _f("auto", "how the optimizers update the parameters: auto (torch's "
+                             "choice), foreach (one multi-tensor kernel per operation) or "
+                             "fused (one kernel for the whole step); the last two may change "
+                             "the last bits of the update", ("auto", "foreach", "fused"))
     clip: float = _f(0.25, "gradient-norm clip of the model's parameters only (0: none)")
     plateau_factor: float = _f(0.5, "multiply the lr by this when validation stops "
                                     "improving (1: never)")

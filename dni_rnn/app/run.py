@@ -98,11 +98,12 @@ def build_optimizers(cfg, model, synth, aux):
     extra = [p for m in (synth, aux) if m is not None for p in m.parameters()]
     own = cfg.dni.synth_lr > 0 and extra
     params = list(model.parameters()) + ([] if own else extra)
+    kernel = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[o.kernel]
     if o.name == "adam":
-        optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **kernel)
     else:
-        optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
-    synth_optimizer = torch.optim.Adam(extra, lr=cfg.dni.synth_lr) if own else None
+        optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, **kernel)
+    synth_optimizer = torch.optim.Adam(extra, lr=cfg.dni.synth_lr, **kernel) if own else None
     return optimizer, synth_optimizer
 
 
