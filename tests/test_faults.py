@@ -3,7 +3,7 @@ trials): SIGKILL at random points and inside a checkpoint write, a full disk whi
 a read-only or vanished run directory, a damaged corpus cache, a killed torchrun rank, a
 non-finite loss. A run either resumes and ends bit for bit as the run never disturbed, or
 stops with one line that names the problem and what to do."""
-import errno
+import importlib.util
 import multiprocessing
 import os
 import random
@@ -25,6 +25,12 @@ from dni_rnn.tbptt import TBPTTRunner
 from dni_rnn.training import train
 from helpers import checkpoint_difference, make_read_only, make_writable, run_records
 from conftest import REPO
+
+# the fault injections of experiments/fault_trials.py (the full disk; a rank's process)
+_spec = importlib.util.spec_from_file_location("fault_trials",
+                                               REPO / "experiments" / "fault_trials.py")
+trials = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(trials)
 
 # DNI with replay (everything a resume restores), a checkpoint after every update
 COPY = ["model.hidden_dim=16", "data.batch_size=4", "task.eval_sequences=8",
@@ -130,51 +136,14 @@ def test_sigkill_then_resume_is_bit_identical(when, whole, tmp_path):
 
 # ---- a full disk, a read-only or vanished directory --------------------------------------
 
-def _full_disk_at_write(monkeypatch, n, limit=2000):
-    """The n-th checkpoint write of this process meets a full disk after `limit` bytes."""
-    real_open, writes = open, []
-
-    class Full:
-        def __init__(self, fh):
-            self.fh, self.left = fh, limit
-
-        def write(self, data):
-            size = memoryview(data).nbytes
-            if size > self.left:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.left -= size
-            return self.fh.write(data)
-
-        def flush(self):
-            self.fh.flush()
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-    def fake_open(path, mode="r", *a, **k):
-        fh = real_open(path, mode, *a, **k)
-        if "w" in mode and str(path).endswith(".tmp"):
-            writes.append(path)
-            if len(writes) == n:
-                return Full(fh)
-        return fh
-
-    monkeypatch.setattr(ckpt, "open", fake_open, raising=False)
-
-
-def test_a_full_disk_while_saving_keeps_the_last_checkpoint(whole, tmp_path, monkeypatch,
-                                                              capsys):
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(whole, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    _full_disk_at_write(monkeypatch, 7)  # last.pt of update 7
-    assert main(_args(run_dir)) == 2
+    with trials.full_disk(7, "write", 2000):  # last.pt of update 7 meets ENOSPC
+        assert main(_args(run_dir)) == 2
     line = _one_line(capsys)
     assert "last.pt: No space left on device" in line and "intact" in line
     assert "free some disk space, then resume with --resume" in line
     assert _saved_step(run_dir) == 6 and not list(run_dir.glob(".*.tmp"))
-    monkeypatch.undo()
     _resume(run_dir)
     _assert_same_run(whole, run_dir)
 
@@ -291,27 +260,6 @@ def test_a_damaged_corpus_cache_is_rebuilt_not_trusted(how, tmp_path):
 
 # ---- a killed torchrun rank -------------------------------------------------------------
 
-def _children(pid):
-    out = []
-    for stat in os.listdir("/proc"):
-        if stat.isdigit():
-            try:
-                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(stat))
-    return out
-
-
-def _rank_of(pid):
-    try:
-        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    except OSError:
-        return None
-    return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
-
-
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()
                          and os.path.isdir("/proc")),
                     reason="needs torch.distributed with gloo and /proc")
@@ -327,7 +275,7 @@ def test_a_killed_rank_stops_the_other_with_one_line_and_no_hang(tmp_path):
                          text=True)
     try:
         _wait(lambda: (run_dir / "last.pt").is_file(), alive)
-        (rank1,) = [c for c in _children(p.pid) if _rank_of(c) == 1]
+        (rank1,) = [c for c in trials.children(p.pid) if trials.rank_of(c) == 1]
         os.kill(rank1, signal.SIGKILL)
         killed = time.monotonic()
         _, err = p.communicate(timeout=90)
