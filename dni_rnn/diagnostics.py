@@ -83,8 +83,10 @@ def compare(g_hat, truths):
     return report
 
 
-def diagnose(runner, inputs, targets, state, T, horizons, resets=None, train_batch=None):
+def diagnose(runner, inputs, targets, state, T, horizons, resets=None, train_batch=None,
+             context=None):
     """One boundary: the runner's synthetic gradient for `state` against the true ones.
+    `context`: the synthesizer's context at this boundary (cDNI), as in training.
 
     With a mean-reduced loss a stream's gradient scales as 1 / (streams x T); the
     synthesizer learnt it on `train_batch` streams, so on a stream set of another width
@@ -103,7 +105,7 @@ def diagnose(runner, inputs, targets, state, T, horizons, resets=None, train_bat
     truths = future_gradients(runner.model, runner.loss_fn, inputs, targets, state, T, fits,
                               resets, runner.batch_dim)
     width = inputs.shape[1]
-    g_hat = runner.synthetic_gradient(state, tokens=T * (train_batch or width))
+    g_hat = runner.synthetic_gradient(state, tokens=T * (train_batch or width), context=context)
     if train_batch and train_batch != width:
         g_hat = nest.map_state(lambda g: g * (train_batch / width), g_hat)
     if resets is not None:  # as in training: streams that restart get no synthetic gradient

@@ -43,6 +43,7 @@ class Boundary:
     state: object = None     # the incoming state (BP(lambda) traces)
     memory: object = None    # a recurrent synthesizer's memory at the trigger (traces)
     jacobian: object = None  # the chunk's state Jacobian (B, D, D) (traces)
+    context: object = None   # the synthesizer's context at the trigger (cDNI), for replay
 
 
 class DNIStep:
@@ -165,6 +166,10 @@ class DNIStep:
         boundary = Boundary(scale=self.scale(tokens),
                             beta=self.sg_scale if step >= self.warmup else 0.0,
                             gate=self.calibration.gate() if self.calibration is not None else 1.0)
+        boundary.context = current_context()
+        if self.traces and boundary.context is not None:
+            raise ValueError("BP(lambda) traces do not support a synthesizer context (cDNI); "
+                             "set trace_decay=0 or drop the context")
         reference, self._reference = self._reference, None
         if reference is not None:
             refs, tensors = nest.flatten(reference), nest.flatten(state)
@@ -347,15 +352,16 @@ class DNIStep:
 
     # ---- replay ----------------------------------------------------------------------------
 
-    def keep(self, state):
-        """Keep the chunk's trigger and the real gradient that reached it (replay on)."""
+    def keep(self, state, context=None):
+        """Keep the chunk's trigger, its context (cDNI) and the real gradient that reached it
+        (replay on)."""
         stats = self.interface.last_stats
         recovered, self._recovered = self._recovered, False
         if not self.replay or recovered or stats is None or stats.gradients is None:
             return
         tensors = nest.flatten(state)
         grads = [stats.gradients.get(i, torch.zeros_like(t)) for i, t in enumerate(tensors)]
-        self.replay.add(state, nest.unflatten(state, grads))
+        self.replay.add(state, nest.unflatten(state, grads), context)
 
     def replay_steps(self, tokens, optimizer, others, sync=None, clip=None):
         """`replay.steps` more synthesizer updates on recent triggers (nothing else moves:

@@ -12,8 +12,9 @@ synthesizer sees many phases per update and keeps up with the model.
 The buffer holds gradients in gradient units and scales them by the target scale in force
 when they are replayed (a running RMS moves; with `target_scale="sum"` and random chunk
 lengths, that is the current chunk's token count). Streams are drawn with torch's global
-generator (saved in checkpoints), so a run with replay resumes bit for bit. Replayed
-triggers carry no context: a synthesizer conditioned on one (cDNI) cannot be replayed.
+generator (saved in checkpoints), so a run with replay resumes bit for bit. A synthesizer
+conditioned on a context (cDNI) is replayed with the context each trigger had (a tensor
+with the streams first, kept beside the trigger).
 
 Refit (`ridge` > 0) learns from the same buffer in closed form instead: after every update
 the synthesizer's last layer is set to the ridge regression of the buffered targets on the
@@ -25,7 +26,8 @@ For a linear synthesizer the features are the buffered triggers themselves, so e
 chunk's sums (of x, x x^T, x g^T, g) are computed once, when the refit first meets the chunk,
 and the solve adds them up: a refit then costs one chunk's products and one d x d solve
 instead of the whole buffer's (they take 2 d^2 floats per kept chunk; an MLP's features move
-with its weights and are recomputed every time).
+with its weights and are recomputed every time). A linear synthesizer with a context reads
+[trigger; context]: the solve is over both, split back into its two input layers.
 """
 import torch
 
@@ -55,31 +57,46 @@ class SynthReplay:
     def clear(self):
         self.states = self.grads = None  # per state tensor: (..., chunks * B, ...)
         self.structure, self.width, self.filled, self.slot = None, 0, 0, 0
+        self.contexts = None  # (chunks * B, ...): each trigger's context, when it had one
         self.moments = {}  # slot -> its sums, for a linear synthesizer's refit
 
     def __bool__(self):
         return self.steps > 0 or self.ridge > 0
 
-    def add(self, state, gradient):
-        """Keep one chunk's triggers and the real gradients that reached them (detached)."""
+    def add(self, state, gradient, context=None):
+        """Keep one chunk's triggers, the real gradients that reached them (detached) and the
+        synthesizer's context there (cDNI; a tensor with the streams first, or None)."""
         tensors, grads = nest.flatten(state), nest.flatten(gradient)
         dims = [nest.batch_dimension(t, self.batch_dim) for t in tensors]
         width = tensors[0].shape[dims[0]]
         shapes = [tuple(t.shape) for t in tensors]
-        if self.states is None or shapes != self._shapes or width != self.width:
+        if context is not None and (not torch.is_tensor(context) or context.dim() < 1
+                                    or context.shape[0] != width):
+            raise ValueError(f"replay keeps a context only as a tensor with the {width} streams "
+                             f"first; got {type(context).__name__} "
+                             f"{tuple(getattr(context, 'shape', ()))}")
+        ctx_shape = None if context is None else tuple(context.shape[1:])
+        kept_shape = None if self.contexts is None else tuple(self.contexts.shape[1:])
+        if (self.states is None or shapes != self._shapes or width != self.width
+                or ctx_shape != kept_shape):
             self.structure, self.width, self._shapes, self._dims = state, width, shapes, dims
             self.states = [self._empty(t, d) for t, d in zip(tensors, dims)]
             self.grads = [self._empty(t, d) for t, d in zip(tensors, dims)]
+            self.contexts = None if context is None else self._empty(context, 0)
             self.filled = self.slot = 0
             self.moments = {}
         if self.states[0].device != tensors[0].device:  # resumed from a checkpoint on the CPU
             self.states = [t.to(tensors[0].device) for t in self.states]
             self.grads = [t.to(tensors[0].device) for t in self.grads]
+            if self.contexts is not None:
+                self.contexts = self.contexts.to(tensors[0].device)
             self.moments = {}
         a, b = self.slot * width, (self.slot + 1) * width
         for bufs, source in ((self.states, tensors), (self.grads, grads)):
             for buf, t, d in zip(bufs, source, dims):
                 buf.narrow(d, a, b - a).copy_(t.detach())
+        if context is not None:
+            self.contexts[a:b].copy_(context.detach())
         self.moments.pop(self.slot, None)
         self.slot = (self.slot + 1) % self.chunks
         self.filled = min(self.filled + 1, self.chunks)
@@ -89,18 +106,22 @@ class SynthReplay:
         shape[d] = shape[d] * self.chunks
         return torch.zeros(shape, dtype=t.dtype, device=t.device)
 
-    def sample(self):
-        """(states, gradients): `width` streams drawn uniformly from the filled buffer."""
+    def sample(self, with_context=False):
+        """(states, gradients): `width` streams drawn uniformly from the filled buffer; with
+        `with_context`, also their contexts (None when the triggers had none)."""
         device = self.states[0].device
         idx = torch.randint(0, self.filled * self.width, (self.width,)).to(device)
         pick = lambda bufs: nest.unflatten(
             self.structure, [b.index_select(d, idx) for b, d in zip(bufs, self._dims)])
+        contexts = self.contexts.index_select(0, idx) if self.contexts is not None else None
+        if with_context:
+            return pick(self.states), pick(self.grads), contexts
         return pick(self.states), pick(self.grads)
 
-    def regression_loss(self, synthesizer, scale, context=None):
+    def regression_loss(self, synthesizer, scale):
         """The synthesizer's loss on one replayed minibatch, as at a trigger:
-        sum((M(s) - scale * g)^2) / streams."""
-        states, grads = self.sample()
+        sum((M(s, context) - scale * g)^2) / streams."""
+        states, grads, context = self.sample(with_context=True)
         message = nest.check_same_structure(states, synthesizer(states, context),
                                             "synthesizer message")
         return sum((m - scale * g).pow(2).sum() for m, g in zip(message, nest.flatten(grads))) \
@@ -113,14 +134,16 @@ class SynthReplay:
         n = self.filled * self.width
         if n < 2:
             return
-        if _reads_its_input(synthesizer):
+        linear = _is_linear(synthesizer)
+        if linear:
             layer = synthesizer.synthesizer.last_layer
             sums = [self._slot_moments(synthesizer, j) for j in range(self.filled)]
             sx, sxx, sxg, sg = (sum(m[i] for m in sums) for i in range(4))
         else:
             keep = lambda bufs: nest.unflatten(self.structure, [
                 b.narrow(d, 0, n) for b, d in zip(bufs, self._dims)])
-            features, layer = synthesizer.features(keep(self.states))
+            context = self.contexts[:n] if self.contexts is not None else None
+            features, layer = synthesizer.features(keep(self.states), context)
             X, G = features.double(), synthesizer.flatten(keep(self.grads)).double()
             sx, sxx, sxg, sg = X.sum(0), X.T @ X, X.T @ G, G.sum(0)
         # standardised ridge from the sums: Z = (X - mu) / sd, targets Y = scale * G
@@ -132,8 +155,13 @@ class SynthReplay:
         A = A + self.ridge * n * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         b = scale * (sxg - n * torch.outer(mu, g_mean)) / sd[:, None]
         W = torch.linalg.solve(A, b) / sd[:, None]  # (features, outputs)
-        layer.weight.copy_(W.T)
         layer.bias.copy_(scale * g_mean - mu @ W)
+        inner = synthesizer.synthesizer if linear else None
+        if linear and inner.input_context is not None:  # rows: [trigger; context]
+            layer.weight.copy_(W[:inner.trigger_dim].T)
+            inner.input_context.weight.copy_(W[inner.trigger_dim:].T)
+        else:
+            layer.weight.copy_(W.T)
 
     def _slot_moments(self, synthesizer, j):
         if j not in self.moments:
@@ -141,6 +169,10 @@ class SynthReplay:
                 b.narrow(d, j * self.width, self.width) for b, d in zip(bufs, self._dims)])
             X = synthesizer.flatten(rows(self.states)).double()
             G = synthesizer.flatten(rows(self.grads)).double()
+            inner = synthesizer.synthesizer
+            if inner.input_context is not None:
+                X = torch.cat([X, inner.context_features(
+                    self.contexts[j * self.width:(j + 1) * self.width], X.dtype)], 1)
             self.moments[j] = (X.sum(0), X.T @ X, X.T @ G, G.sum(0))
         return self.moments[j]
 
@@ -149,7 +181,7 @@ class SynthReplay:
             return {"filled": 0}
         return {"states": self.states, "grads": self.grads, "structure": self.structure,
                 "width": self.width, "filled": self.filled, "slot": self.slot,
-                "shapes": self._shapes, "dims": self._dims}
+                "shapes": self._shapes, "dims": self._dims, "contexts": self.contexts}
 
     def load_state_dict(self, state):
         self.clear()
@@ -159,10 +191,11 @@ class SynthReplay:
         self.structure, self.width = state["structure"], int(state["width"])
         self.filled, self.slot = int(state["filled"]), int(state["slot"])
         self._shapes, self._dims = [tuple(s) for s in state["shapes"]], list(state["dims"])
+        self.contexts = state.get("contexts")
 
 
-def _reads_its_input(synthesizer):
-    """Whether the last layer of a `StateSynthesizer` reads the flattened trigger itself."""
+def _is_linear(synthesizer):
+    """Whether a `StateSynthesizer` is linear in the flattened trigger (and its context): its
+    refit features are fixed data, so each chunk's sums can be kept."""
     inner = getattr(synthesizer, "synthesizer", None)
-    return (isinstance(inner, BasicSynthesizer) and inner.output is None
-            and inner.input_context is None)
+    return isinstance(inner, BasicSynthesizer) and inner.output is None

@@ -112,10 +112,14 @@ class BasicSynthesizer(nn.Module):
                     "BasicSynthesizer was built with context_dim but got no context; "
                     "wrap the calls in dni.synthesizer_context(context)"
                 )
-            if not context.is_floating_point():
-                context = F.one_hot(context.long(), self.context_dim).to(trigger.dtype)
-            x = x + self.input_context(context)
+            x = x + self.input_context(self.context_features(context, trigger.dtype))
         return x
+
+    def context_features(self, context, dtype):
+        """The context as `input_context` reads it: class labels one-hot encoded."""
+        if not context.is_floating_point():
+            return F.one_hot(context.long(), self.context_dim).to(dtype)
+        return context.to(dtype)
 
 
 def state_dim(state, batch_dim=None):

@@ -14,16 +14,35 @@ comes free with the one backward pass; any other lambda adds a second vector-Jac
 product through the recurrent core only (docs/design.md, "One chunk with DNI"). BP(lambda)
 (`trace_decay` > 0, traces.py) also hands each TD error back to earlier boundaries.
 """
+import contextlib
 import math
 
 import torch
 
 from . import deferred, nest
 from .dni_step import DNIStep
+from .synthesizers import synthesizer_context
 from .metrics import ChunkMetrics, read_metrics, read_values  # noqa: F401 (public here too)
 from .streams import (check_streams, evaluate, forward_with_resets, initial_state,  # noqa: F401
                       zero_streams)
 from .truncation import as_schedule, next_length
+
+
+def window(context, start, steps):
+    """`(B, steps * C)`: the rows `start .. start + steps - 1` of a `(N, B, C)` context stream,
+    per stream, zeros past its end: what a synthesizer at the boundary before `start` sees
+    of the steps that follow it (cDNI)."""
+    rows = context[start:start + steps]
+    if rows.shape[0] < steps:
+        pad = rows.new_zeros((steps - rows.shape[0],) + tuple(context.shape[1:]))
+        rows = torch.cat([rows, pad])
+    return rows.movedim(1, 0).reshape(context.shape[1], -1)
+
+
+def _context(context):
+    """A `synthesizer_context` block for a given context; no block for None (the caller's
+    own block, if any, stays in force)."""
+    return synthesizer_context(context) if context is not None else contextlib.nullcontext()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,7 +120,8 @@ class TBPTTRunner:
 
     # ---- one chunk -------------------------------------------------------------------
 
-    def train_chunk(self, inputs, targets, state, resets=None, future=True, next_resets=None):
+    def train_chunk(self, inputs, targets, state, resets=None, future=True, next_resets=None,
+                    context=None, next_context=None):
         """Train on one chunk and return the carried (detached) state and its metrics.
 
         Args:
@@ -113,6 +133,9 @@ class TBPTTRunner:
                 the end of a sequence).
             next_resets: optional `(B,)` bool; streams that restart right after this chunk
                 get no synthetic gradient.
+            context, next_context: the synthesizer's context (cDNI) at the chunk's first
+                boundary and at its last, e.g. `window(...)` of the data that follows each
+                boundary. None: whatever `synthesizer_context` block the call is in.
         Returns:
             (state, ChunkMetrics)
         """
@@ -127,7 +150,7 @@ class TBPTTRunner:
                 new_state = self._plain_chunk(inputs, targets, state, resets, metrics)
             else:
                 new_state = self._dni_chunk(inputs, targets, state, resets, future,
-                                            next_resets, metrics)
+                                            next_resets, metrics, context, next_context)
             self._step()
             if self.dni is not None and self.dni.replay:
                 self.dni.replay_steps(metrics.tokens, self.synth_optimizer or self.optimizer,
@@ -158,16 +181,19 @@ class TBPTTRunner:
         self._check_grad_norm(norm, metrics)
         return new_state
 
-    def _dni_chunk(self, inputs, targets, state, resets, future, next_resets, metrics):
+    def _dni_chunk(self, inputs, targets, state, resets, future, next_resets, metrics,
+                   context=None, next_context=None):
         dni = self.dni
         with deferred.defer_backward():
-            boundary = dni.begin(state, self.step, metrics.tokens)
+            with _context(context):
+                boundary = dni.begin(state, self.step, metrics.tokens)
             outputs, new_state, first = forward_with_resets(
                 self.model, inputs, boundary.trigger, resets, self.batch_dim, dni.aux_on)
             loss = self.loss_fn(outputs, targets)
             deferred.backward(loss)
             if future:
-                dni.inject(boundary, new_state, first, next_resets, resets)
+                with _context(next_context):
+                    dni.inject(boundary, new_state, first, next_resets, resets)
         dni.finish(boundary, future)
         loss, norm, injected = self._after_backward(loss, dni.interface.last_stats,
                                                     boundary.injected)
@@ -176,7 +202,7 @@ class TBPTTRunner:
         self._check_loss(loss, metrics)
         dni.account(boundary, metrics, numbers, (self.optimizer, self.synth_optimizer))
         self._check_grad_norm(norm, metrics)
-        dni.keep(state)
+        dni.keep(state, boundary.context)
         return new_state
 
     def _after_backward(self, loss, stats=None, injected=None):
@@ -192,12 +218,14 @@ class TBPTTRunner:
         return loss, norm, injected
 
     @torch.no_grad()
-    def synthetic_gradient(self, state, tokens):
+    def synthetic_gradient(self, state, tokens, context=None):
         """What this runner would inject at a boundary with `state` (a chunk of `tokens`
-        steps x streams), before beta: g_hat in gradient units, capped; zeros without DNI."""
+        steps x streams), before beta: g_hat in gradient units, capped; zeros without DNI.
+        `context`: the synthesizer's context there (cDNI)."""
         if self.dni is None:
             return nest.map_state(torch.zeros_like, nest.detach(state))
-        return self.dni.synthesize(state, self.dni.scale(tokens))[0]
+        with _context(context):
+            return self.dni.synthesize(state, self.dni.scale(tokens))[0]
 
     def _check_loss(self, loss, metrics):
         """After the backward, before anything else changes: a non-finite loss stops here."""
@@ -223,7 +251,7 @@ class TBPTTRunner:
     # ---- whole streams -----------------------------------------------------------------
 
     def walk(self, inputs, targets, state=None, resets=None, start=0, final=True,
-             next_resets=None):
+             next_resets=None, context=None, context_steps=None):
         """Train chunk by chunk from step `start`: the one chunk walk, resumable.
 
         A generator: after each chunk it yields `(end, state, metrics)`, where `end` is the
@@ -239,8 +267,14 @@ class TBPTTRunner:
             final: the streams end at N: no synthetic gradient after the last chunk.
             next_resets: with `final=False`, the `(B,)` resets of the step after N (the next
                 segment's first row): streams that restart there get no synthetic gradient.
+            context: optional `(N, B, C)` stream the synthesizer is conditioned on (cDNI):
+                at a boundary before step a it sees `window(context, a, context_steps)`,
+                the rows of the `context_steps` steps after the boundary (zeros past N).
+            context_steps: the window's length (default: the truncation length).
         """
         check_streams(inputs, targets, resets)
+        if context is not None:
+            context_steps = self._context_steps(context, inputs, context_steps)
         state = initial_state(self.model, inputs, state)
         self.model.train()
         if self.interface is not None:
@@ -248,19 +282,35 @@ class TBPTTRunner:
         a, N = start, inputs.shape[0]
         while a < N:
             b = min(a + next_length(self.schedule), N)
+            contexts = {} if context is None else {
+                "context": window(context, a, context_steps),
+                "next_context": window(context, b, context_steps)}
             state, metrics = self.train_chunk(
                 inputs[a:b], targets[a:b], state,
                 resets=resets[a:b] if resets is not None else None,
                 future=b < N or not final,
-                next_resets=(resets[b] if resets is not None else None) if b < N else next_resets)
+                next_resets=(resets[b] if resets is not None else None) if b < N else next_resets,
+                **contexts)
             yield b, state, metrics
             a = b
 
-    def run(self, inputs, targets, state=None, resets=None, on_chunk=None, final=True):
+    def _context_steps(self, context, inputs, steps):
+        if context.dim() != 3 or tuple(context.shape[:2]) != tuple(inputs.shape[:2]):
+            raise ValueError(f"context must be a (N, B, C) stream beside the inputs "
+                             f"{tuple(inputs.shape[:2])}, got shape {tuple(context.shape)}")
+        steps = steps if steps is not None else getattr(self.schedule, "length", None)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError("with a context and a custom truncation schedule, pass "
+                             "context_steps (the steps after a boundary the synthesizer sees)")
+        return steps
+
+    def run(self, inputs, targets, state=None, resets=None, on_chunk=None, final=True,
+            context=None, context_steps=None):
         """All of `walk` (the same arguments): `on_chunk` is called with each ChunkMetrics
         (logging, progress bars). Returns (the final state, list of ChunkMetrics)."""
         history = []
-        for _, state, metrics in self.walk(inputs, targets, state, resets, final=final):
+        for _, state, metrics in self.walk(inputs, targets, state, resets, final=final,
+                                           context=context, context_steps=context_steps):
             history.append(metrics)
             if on_chunk is not None:
                 on_chunk(metrics)

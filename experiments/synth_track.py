@@ -51,6 +51,9 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--windows", default="4,16,64")
     ap.add_argument("--alphas", default="1e-3,1e-1")
+    ap.add_argument("--context", choices=["none", "targets", "inputs", "both"], default="none",
+                    help="also fit ridge on [state; the chunk's targets and/or inputs] (cDNI: "
+                         "the data of the chunk that starts at the trigger)")
     ap.add_argument("--json")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     args = ap.parse_args(argv)
@@ -63,6 +66,31 @@ def main(argv=None):
     run = Run(cfg, args.out, quiet=True).setup()
     buf, after = run.runner.dni.replay, run._after_chunk
     rows = []
+    contexts, pending = {}, {}
+    if args.context != "none":
+        width_t = cfg.train.truncation
+        train_chunk, add = run.runner.train_chunk, buf.add
+
+        def chunk_features(t):
+            t = t.float()
+            if t.shape[0] < width_t:  # a stream's last, shorter chunk
+                t = torch.cat([t, t.new_zeros((width_t - t.shape[0],) + tuple(t.shape[1:]))])
+            return t.movedim(1, 0).reshape(t.shape[1], -1)
+
+        def recording_chunk(inputs, targets, *a, **k):
+            parts = []
+            if args.context in ("inputs", "both"):
+                parts.append(chunk_features(inputs))
+            if args.context in ("targets", "both"):
+                parts.append(chunk_features(targets))
+            pending["ctx"] = torch.cat(parts, 1).double()
+            return train_chunk(inputs, targets, *a, **k)
+
+        def recording_add(state, gradient):
+            contexts[buf.slot] = pending["ctx"]
+            return add(state, gradient)
+
+        run.runner.train_chunk, buf.add = recording_chunk, recording_add
 
     def hook(m):
         out = after(m)
@@ -92,6 +120,11 @@ def main(argv=None):
             for a in alphas:
                 P = ridge_predict(X[rows_idx], G[rows_idx], Xq, a)
                 row[f"ridge_w{w}_a{a:g}"] = cosine(P, Gq)
+                if contexts:
+                    C = torch.cat([contexts[j] for j in past])
+                    P = ridge_predict(torch.cat([X[rows_idx], C], 1), G[rows_idx],
+                                      torch.cat([Xq, contexts[order[0]]], 1), a)
+                    row[f"ctx_w{w}_a{a:g}"] = cosine(P, Gq)
         rows.append(row)
         return out
 

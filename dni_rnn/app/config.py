@@ -49,6 +49,7 @@ CORPORA = LM_CORPORA + ("copy", "repeat-copy")
 TOKENIZERS = ("auto", "word", "char", "sentencepiece")
 METHODS = ("bptt", "dni", "dni-aux", "bp-lambda")
 SYNTHESIZERS = ("mlp", "gru")
+CONTEXTS = ("none", "targets", "inputs", "both")
 
 
 @dataclass
@@ -165,6 +166,9 @@ class DNIConfig:
                            "regression on the replay buffer, with this penalty (0: off; "
                            "docs/dni.md)")
     aux_weight: float = _f(0.1, "weight of the auxiliary loss (dni-aux only)")
+    context: str = _f("none", "cDNI: the synthesizer at a boundary also sees the data of the "
+                              "train.truncation steps after it: targets, inputs or both (the "
+                              "copy tasks; none: the state alone; docs/dni.md)", CONTEXTS)
 
 
 @dataclass
@@ -456,6 +460,10 @@ def _validate_bp_lambda(d, need):
     need(d.method != "bp-lambda" or d.bootstrap is None,
          f"dni.bootstrap={d.bootstrap} is dni's target weight; with dni.method=bp-lambda set "
          "the discount dni.gamma instead (and leave dni.bootstrap none)")
+    need(d.context == "none" or (d.synthesizer == "mlp" and not
+                                 (d.method == "bp-lambda" and d.trace_decay > 0)),
+         f"dni.context={d.context} needs dni.synthesizer=mlp and no BP(lambda) traces "
+         "(dni.trace_decay=0); set dni.context=none")
     need(d.synthesizer != "gru" or not (d.replay or d.refit),
          "dni.synthesizer=gru cannot replay or refit (its message depends on a memory the "
          "stored triggers lack); set dni.replay=0 and dni.refit=0, or dni.synthesizer=mlp")

@@ -47,7 +47,7 @@ from .logs import Meter, NullLog, RunLog, progress_bar
 from .stopping import RunInterrupted, StopSignals
 from ..synthesizers import RecurrentSynthesizer, StateSynthesizer, state_dim
 from .tasks import METRICS, build_task
-from ..tbptt import TBPTTRunner
+from ..tbptt import TBPTTRunner, window
 from ..truncation import FixedTruncation, RandomTruncation
 
 
@@ -71,12 +71,24 @@ def seed_everything(seed, deterministic):
         torch.backends.cudnn.benchmark = False
 
 
-def build_synthesizers(cfg, model):
+def context_width(cfg, task):
+    """Features of the synthesizer's context (`dni.context`): the truncation's steps of the
+    task's context channels; None without one."""
+    if cfg.dni.context == "none" or cfg.dni.method == "bptt":
+        return None
+    if not hasattr(task, "context_channels"):
+        raise ConfigError(f"dni.context={cfg.dni.context} needs a task with vector inputs and "
+                          "targets (copy, repeat-copy); set dni.context=none")
+    return cfg.train.truncation * task.context_channels(cfg.dni.context)
+
+
+def build_synthesizers(cfg, model, context_dim=None):
     """(synthesizer, aux head) for cfg.dni.method: (None, None) for plain TBPTT.
 
     The synthesizer sees the whole recurrent state (for an LSTM every layer's (h, c),
-    flattened to 2 * layers * H per stream) and its zero-initialised output layer makes
-    training start exactly as plain TBPTT.
+    flattened to 2 * layers * H per stream), and with `dni.context` a context of
+    `context_dim` features; its zero-initialised output layer makes training start exactly
+    as plain TBPTT.
     """
     if cfg.dni.method == "bptt":
         return None, None
@@ -84,7 +96,8 @@ def build_synthesizers(cfg, model):
     width = cfg.dni.synth_hidden or None
 
     def mlp():
-        return StateSynthesizer.mlp(d, n_hidden=cfg.dni.synth_layers, hidden_dim=width)
+        return StateSynthesizer.mlp(d, n_hidden=cfg.dni.synth_layers, hidden_dim=width,
+                                    context_dim=context_dim)
 
     aux = mlp() if cfg.dni.method == "dni-aux" else None
     if cfg.dni.synthesizer == "gru":
@@ -183,7 +196,7 @@ class Run:
         self.device = w.device(select_device(t.device))
         seed_everything(t.seed, t.deterministic)
         self.model = self.task.build_model().to(self.device)
-        synth, aux = build_synthesizers(cfg, self.model)
+        synth, aux = build_synthesizers(cfg, self.model, context_width(cfg, self.task))
         self.synth = synth.to(self.device) if synth is not None else None
         self.aux = aux.to(self.device) if aux is not None else None
         w.broadcast_parameters(self.model, self.synth, self.aux)
@@ -269,7 +282,7 @@ class Run:
                         p.pos = 0
                     s = self.stream
                     walk = self.runner.walk(s.inputs, s.targets, self.state, s.resets,
-                                            start=p.pos)
+                                            start=p.pos, context=self._context(s))
                     for p.pos, self.state, m in walk:
                         if self._after_chunk(m):
                             break
@@ -339,6 +352,12 @@ class Run:
             raise RunInterrupted(signum, self.step, self.run_dir / "last.pt")
         return stream_end or self.finished()
 
+    def _context(self, stream):
+        """The stream the synthesizer is conditioned on (`dni.context`), or None."""
+        if self.cfg.dni.context == "none" or self.synth is None:
+            return None
+        return self.task.context_stream(stream, self.cfg.dni.context)
+
     def diagnose(self):
         """The synthetic gradient at the current boundary against the true future gradient
         through the next chunks of the stream (`diagnostics.py`); changes nothing. A task
@@ -350,9 +369,11 @@ class Run:
         if self.synth is None or p.pos >= s.inputs.shape[0]:
             return
         resets = s.resets[p.pos:] if s.resets is not None else None
+        ctx = self._context(s)
         report = diagnostics.diagnose(self.runner, s.inputs[p.pos:], s.targets[p.pos:],
                                       self.state, self.cfg.train.truncation,
-                                      horizons(self.cfg), resets)
+                                      horizons(self.cfg), resets, context=None if ctx is None
+                                      else window(ctx, p.pos, self.cfg.train.truncation))
         if report:
             self.log.emit({"kind": "diagnose", "step": self.step, "tokens": p.tokens,
                            **report})
@@ -363,11 +384,13 @@ class Run:
         for s in self.task.diagnosis_blocks(self.device, seed=self.cfg.train.seed * 1_000_003
                                             + self.step):
             state = initial_state(self.model, s.inputs)
+            ctx = self._context(s)
             for a in range(0, s.inputs.shape[0] - 1, T):
                 if a:  # the state at boundary a, then the future after it
                     reports.append(diagnostics.diagnose(
                         self.runner, s.inputs[a:], s.targets[a:], state, T,
-                        horizons(self.cfg), s.resets[a:]))
+                        horizons(self.cfg), s.resets[a:],
+                        context=None if ctx is None else window(ctx, a, T)))
                 with torch.no_grad():
                     _, state, _ = forward_with_resets(self.model, s.inputs[a:a + T], state,
                                                       s.resets[a:a + T], self.runner.batch_dim)

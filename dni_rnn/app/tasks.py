@@ -304,6 +304,19 @@ class CopyTask:
         return Stream(w.streams(batch.inputs).to(device), w.streams(packed).to(device),
                       w.streams(batch.resets).to(device))
 
+    def context_channels(self, kind):
+        """Channels per step of `context_stream` (`dni.context`)."""
+        d_in, d_out = self._dims()
+        return {"inputs": d_in, "targets": d_out + 1, "both": d_in + d_out + 1}[kind]
+
+    @staticmethod
+    def context_stream(stream, kind):
+        """`(N, B, C)`: what a cDNI synthesizer reads of each step after a boundary: the
+        targets with their mask, the inputs, or both (`dni.context`)."""
+        parts = {"inputs": [stream.inputs], "targets": [stream.targets],
+                 "both": [stream.inputs, stream.targets]}[kind]
+        return torch.cat([p.float() for p in parts], -1)
+
     def stream_state(self):
         return self._stream_seed
 

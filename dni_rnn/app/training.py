@@ -21,10 +21,10 @@ from .. import diagnostics
 from .. import distributed
 from .cores import CoreShare
 from .config import Config, ConfigError, target_scale, validate
-from .run import Run, build_synthesizers, select_device
+from .run import Run, build_synthesizers, context_width, select_device
 from .stopping import RankLost
-from .tasks import build_task
-from ..tbptt import NonFiniteLossError, TBPTTRunner, forward_with_resets
+from .tasks import Stream, build_task
+from ..tbptt import NonFiniteLossError, TBPTTRunner, forward_with_resets, window
 
 
 def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
@@ -166,7 +166,7 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
     task.load_state_dict(c["task"])
     model = task.build_model().to(dev)
     model.load_state_dict(c["model"])
-    synth, _ = build_synthesizers(cfg, model)
+    synth, _ = build_synthesizers(cfg, model, context_width(cfg, task))
     if synth is not None:
         synth = synth.to(dev)
         synth.load_state_dict(c["synthesizer"])
@@ -177,6 +177,9 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
     runner.load_state_dict(c["runner"])
     inputs, targets, resets = task.diagnosis_stream(split, dev)
     T, K = cfg.train.truncation, max(horizons)
+    context = None
+    if synth is not None and cfg.dni.context != "none":
+        context = task.context_stream(Stream(inputs, targets, resets), cfg.dni.context)
     N = inputs.shape[0]
     last = N - K * T  # the last boundary with room for the longest horizon
     if last < T:
@@ -196,7 +199,9 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
             tail = resets[start:] if resets is not None else None
             reports.append(diagnostics.diagnose(runner, inputs[start:], targets[start:], state,
                                                 T, horizons, tail,
-                                                train_batch=cfg.data.batch_size))
+                                                train_batch=cfg.data.batch_size,
+                                                context=None if context is None
+                                                else window(context, start, T)))
     return {"checkpoint": str(file), "step": runner.step, "split": split, "T": T,
             "horizons": list(horizons), "boundaries": len(reports),
             **diagnostics.mean_reports(reports)}

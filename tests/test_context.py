@@ -1,0 +1,202 @@
+"""cDNI in the runner: the synthesizer at a boundary conditioned on the data after it."""
+import pytest
+import torch
+
+import dni_rnn as dni
+from dni_rnn.config import ConfigError, load_recipe
+from dni_rnn.tbptt import window
+from helpers import chunk_loss, make_problem
+
+EXACT = dict(target_scale="raw", sg_cap=None, guard=False, calibrate=False, clip=None)
+T, C = 4, 2
+
+
+class Recording(torch.nn.Module):
+    """A StateSynthesizer that notes the context of every call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, trigger, context=None):
+        self.seen.append(None if context is None else context.clone())
+        return self.inner(trigger, context)
+
+
+def context_problem(n_hidden=0, seed=0, **kw):
+    model, x, y, state = make_problem(n_steps=12, seed=seed)
+    ctx = torch.randn(12, 3, C, generator=torch.Generator().manual_seed(seed + 7),
+                      dtype=torch.float64)
+    synth = dni.StateSynthesizer.mlp(dni.state_dim(state), n_hidden=n_hidden, hidden_dim=5,
+                                     context_dim=T * C).double()
+    with torch.no_grad():  # a synthesizer that already says something
+        for p in synth.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3),
+                                      dtype=p.dtype))
+    return model, x, y, state, ctx, synth
+
+
+def test_window_is_the_steps_after_a_boundary_zero_past_the_end():
+    ctx = torch.arange(5 * 2 * 3, dtype=torch.float64).reshape(5, 2, 3)
+    w = window(ctx, 3, 4)
+    assert w.shape == (2, 12)
+    assert torch.equal(w[1, :6], torch.cat([ctx[3, 1], ctx[4, 1]]))
+    assert torch.equal(w[:, 6:], torch.zeros(2, 6, dtype=torch.float64))
+
+
+def test_walk_hands_each_boundary_the_window_after_it():
+    """The trigger of chunk [a, b) is scored with the window at a, the synthetic gradient at
+    its end is made with the window at b; the last chunk of a stream has no end message."""
+    model, x, y, state, ctx, synth = context_problem()
+    rec = Recording(synth)
+    opt = torch.optim.SGD(list(model.parameters()) + list(synth.parameters()), lr=0.0)
+    runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=T, synthesizer=rec,
+                             sg_scale=0.1, **EXACT)
+    list(runner.walk(x, y, state, context=ctx))
+    expected = [0, 4, 4, 8, 8]  # chunk 0: trigger, end; chunk 1: trigger, end; chunk 2: trigger
+    assert len(rec.seen) == len(expected)
+    for seen, a in zip(rec.seen, expected):
+        assert torch.equal(seen, window(ctx, a, T))
+
+
+def test_one_chunk_with_a_context_is_exact():
+    """float64: the model's gradient is dL/dtheta + beta J_theta^T M(s_b, w_b), the
+    synthesizer's the regression of M(s_a, w_a) onto dL/ds_a + lambda J^T M(s_b, w_b)."""
+    beta, lam = 0.1, 0.5
+    model, x, y, state, ctx, synth = context_problem()
+    ref_model, _, _, _ = make_problem(n_steps=12)
+    ref_synth = dni.StateSynthesizer.mlp(dni.state_dim(state), n_hidden=0,
+                                         context_dim=T * C).double()
+    ref_synth.load_state_dict(synth.state_dict())
+    opt = torch.optim.SGD(list(model.parameters()) + list(synth.parameters()), lr=1.0)
+    runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=T, synthesizer=synth,
+                             sg_scale=beta, bootstrap=lam, **EXACT)
+    runner.train_chunk(x[:T], y[:T], state, context=window(ctx, 0, T),
+                       next_context=window(ctx, T, T))
+    leaf = tuple(t.clone().requires_grad_() for t in state)
+    out, s1 = ref_model(x[:T], leaf)
+    with torch.no_grad():
+        g_hat = ref_synth(s1, window(ctx, T, T))
+    loss = chunk_loss(out, y[:T])
+    params = list(ref_model.parameters())
+    push = sum((g * s).sum() for g, s in zip(g_hat, s1))
+    g_model = torch.autograd.grad(loss + beta * push, params, retain_graph=True)
+    target = torch.autograd.grad(loss + lam * push, leaf)
+    message = ref_synth(state, window(ctx, 0, T))
+    synth_loss = sum((m - t).pow(2).sum() for m, t in zip(message, target)) / 3
+    g_synth = torch.autograd.grad(synth_loss, list(ref_synth.parameters()))
+    for p, p0, g in zip(model.parameters(), ref_model.parameters(), g_model):
+        torch.testing.assert_close(p, p0 - g, rtol=1e-12, atol=1e-14)
+    for p, p0, g in zip(synth.parameters(), ref_synth.parameters(), g_synth):
+        torch.testing.assert_close(p, p0 - g, rtol=1e-12, atol=1e-14)
+
+
+def test_replay_keeps_each_triggers_context_beside_it():
+    buffer = dni.replay.SynthReplay(steps=1, chunks=4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        state = tuple(torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        grad = tuple(torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        context = state[0].sum(0)  # a function of the stream's own row
+        buffer.add(state, grad, context)
+    for _ in range(5):
+        s, _, c = buffer.sample(with_context=True)
+        assert torch.equal(c, s[0].sum(0))
+    synth = dni.StateSynthesizer.mlp(16, n_hidden=1, hidden_dim=5, context_dim=4).double()
+    torch.manual_seed(5)
+    loss = buffer.regression_loss(synth, 2.0)
+    torch.manual_seed(5)
+    s, gr, c = buffer.sample(with_context=True)
+    expected = sum((m - 2.0 * t).pow(2).sum() for m, t in zip(synth(s, c), gr)) / 3
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="streams first"):
+        buffer.add(state, grad, torch.zeros(5, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n_hidden", [0, 1])
+def test_refit_with_a_context_solves_the_ridge_regression_over_state_and_context(n_hidden):
+    """A linear synthesizer with a context reads [trigger; context]: the refit's two input
+    layers together minimise the standardised ridge objective over the buffer; an MLP's last
+    layer does over its features of (trigger, context)."""
+    ridge, scale = 0.05, 2.0
+    buffer = dni.replay.SynthReplay(steps=0, chunks=3, ridge=ridge)
+    g = torch.Generator().manual_seed(1)
+    draw = lambda: tuple(torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+                         for _ in range(2))
+    synth = dni.StateSynthesizer.mlp(12, n_hidden=n_hidden, hidden_dim=5, context_dim=5).double()
+    for _ in range(5):
+        buffer.add(draw(), draw(), torch.randn(4, 5, generator=g, dtype=torch.float64))
+        buffer.refit(synth, scale)
+    rows = buffer.filled * buffer.width
+    keep = lambda bufs: tuple(b[:, :rows] for b in bufs)
+    Y = scale * synth.flatten(keep(buffer.grads))
+    context = buffer.contexts[:rows]
+    inner = synth.synthesizer
+    if n_hidden:
+        features, layer = synth.features(keep(buffer.states), context)
+        W, b = layer.weight, layer.bias
+    else:
+        features = torch.cat([synth.flatten(keep(buffer.states)), context], 1)
+        W = torch.cat([inner.input_trigger.weight, inner.input_context.weight], 1)
+        b = inner.input_trigger.bias
+    W, b = W.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    sd = features.std(0)
+    objective = (features @ W.T + b - Y).pow(2).sum() + ridge * rows * (W * sd).pow(2).sum()
+    gW, gb = torch.autograd.grad(objective, (W, b))
+    assert gW.abs().max() < 1e-9 * Y.abs().max() * rows and gb.abs().max() < 1e-9 * rows
+    with torch.no_grad():  # and the synthesizer's own message is that fit
+        message = synth.flatten(synth(keep(buffer.states), context))
+    torch.testing.assert_close(message, features @ W.detach().T + b.detach(),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_refit_with_a_context_resumes_bit_for_bit():
+    outs = []
+    for cut in (False, True):
+        model, x, y, state, ctx, synth = context_problem()
+        opt = torch.optim.SGD(list(model.parameters()) + list(synth.parameters()), lr=0.1)
+        runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=T, synthesizer=synth,
+                                 sg_scale=0.1, refit=1e-3, replay=1, **EXACT)
+        torch.manual_seed(0)
+        walk = runner.walk(x, y, state, context=ctx)
+        end, state, _ = next(walk)
+        if cut:
+            saved, rng = runner.state_dict(), torch.get_rng_state()
+            runner.replay.clear()
+            runner.load_state_dict(saved)
+            torch.set_rng_state(rng)
+            walk = runner.walk(x, y, state, start=end, context=ctx)
+        list(walk)
+        outs.append([p.detach().clone() for p in list(synth.parameters())
+                     + list(model.parameters())])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_the_context_must_be_a_stream_beside_the_inputs():
+    model, x, y, state, ctx, synth = context_problem()
+    opt = torch.optim.SGD(list(model.parameters()) + list(synth.parameters()), lr=0.1)
+    runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=T, synthesizer=synth,
+                             sg_scale=0.1, **EXACT)
+    with pytest.raises(ValueError, match=r"\(N, B, C\) stream"):
+        list(runner.walk(x, y, state, context=ctx[:5]))
+
+
+def test_config_context_on_the_copy_task_and_refused_elsewhere(tmp_path):
+    from dni_rnn.app.run import Run
+    cfg = load_recipe("copy-smoke", ["dni.context=targets", "dni.synth_layers=0",
+                                     "dni.refit=1e-3", "train.max_steps=30",
+                                     "train.diagnose_every=10", "task.start_length=3"])
+    run = Run(cfg, tmp_path / "r", quiet=True).setup()
+    assert run.synth.synthesizer.context_dim == cfg.train.truncation * 10  # 8 bits, end, mask
+    run.train()
+    diagnosed = [l for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+                 if '"diagnose"' in l]
+    assert diagnosed
+    with pytest.raises(ConfigError, match="dni.context"):
+        load_recipe("copy-smoke", ["dni.context=targets", "dni.synthesizer=gru"])
+    with pytest.raises(ConfigError, match="dni.context"):
+        load_recipe("copy-smoke", ["dni.context=labels"])
+    lm = load_recipe("ptb-char-smoke", ["dni.context=targets"])
+    with pytest.raises(ConfigError, match="dni.context=targets needs a task with vector"):
+        Run(lm, tmp_path / "lm", quiet=True, data_dir="../shared/data").setup()
