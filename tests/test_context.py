@@ -193,6 +193,9 @@ def test_config_context_on_the_copy_task_and_refused_elsewhere(tmp_path):
     diagnosed = [l for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
                  if '"diagnose"' in l]
     assert diagnosed
+    from dni_rnn.app.training import diagnose_checkpoint  # `dni-rnn diagnose` on the run
+    report = diagnose_checkpoint(tmp_path / "r", horizons=(1,), boundaries=2)
+    assert report["boundaries"] >= 1 and "cos_k1" in report
     with pytest.raises(ConfigError, match="dni.context"):
         load_recipe("copy-smoke", ["dni.context=targets", "dni.synthesizer=gru"])
     with pytest.raises(ConfigError, match="dni.context"):
