@@ -39,7 +39,7 @@ class Boundary:
     injected: object = None  # |beta * gate * capped g_hat|, on the device
     capped: object = None    # fraction of streams the cap scaled down
     aux: object = None       # the DNI + Aux loss
-    proposal: object = None  # the target RMS this chunk proposes (`pending`), committed in `account`
+    proposal: object = None  # (mean square, RMS) proposed in `pending`, committed in `account`
     state: object = None     # the incoming state (BP(lambda) traces)
     memory: object = None    # a recurrent synthesizer's memory at the trigger (traces)
     jacobian: object = None  # the chunk's state Jacobian (B, D, D) (traces)
@@ -145,7 +145,7 @@ class DNIStep:
         """The target scale for a chunk of `tokens` steps x streams."""
         if self.target_scale == "rms":
             # before any target was measured: 0 (nothing to regress on, nothing injected)
-            return 1.0 / self.target_rms.value() if self.target_rms.known else 0.0
+            return self.target_rms.value().reciprocal() if self.target_rms.known else 0.0
         if self.target_scale == "raw":
             return 1.0
         if self.target_scale == "sum":
@@ -290,8 +290,9 @@ class DNIStep:
         stats = self.interface.last_stats
         if not stats.filled:
             return [None, None, None]
-        b.proposal, rms = self.target_rms.propose(stats.gradient_mean_square)
-        return [stats.gradient_mean_square, rms, stats.gradient_norm]
+        mean_square = stats.gradient_mean_square  # a property: one division a call
+        b.proposal = self.target_rms.propose(mean_square)
+        return [mean_square, b.proposal[1], stats.gradient_norm]
 
     def account(self, b, metrics, numbers, optimizers):
         """After the chunk's one host sync (`numbers`: `pending()` and the injected norm, as
@@ -309,7 +310,7 @@ class DNIStep:
         if not stats.filled:
             return
         if mean_square > 0:  # a trigger whose streams all restarted carries no scale
-            self.target_rms.commit(b.proposal, rms)
+            self.target_rms.commit(b.proposal[0], rms, b.proposal[1])
         metrics.synth_loss = stats.loss
         metrics.cosine = stats.cosine
         metrics.synthetic_norm = stats.message_norm / b.scale if not zero_scale else 0.0

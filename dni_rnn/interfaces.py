@@ -37,20 +37,22 @@ class TriggerStats:
         self.has_reference = False
         self.gradients = None  # {tensor index: real gradient}, when make_trigger(keep=True)
 
-    def add(self, message, target, gradient):
-        self.squared_error = self.squared_error + (message - target).pow(2).sum()
-        self.dot = self.dot + (message * target).sum()
-        self.message_sq = self.message_sq + message.pow(2).sum()
-        self.target_sq = self.target_sq + target.pow(2).sum()
-        self.gradient_sq = self.gradient_sq + gradient.pow(2).sum()
+    def add(self, message, target, gradient, error=None):
+        """Fold in one tensor of the trigger; `error`: `message - target` if already known."""
+        error = message - target if error is None else error
+        self.squared_error = _plus(self.squared_error, error.pow(2).sum())
+        self.dot = _plus(self.dot, (message * target).sum())
+        self.message_sq = _plus(self.message_sq, message.pow(2).sum())
+        self.target_sq = _plus(self.target_sq, target.pow(2).sum())
+        self.gradient_sq = _plus(self.gradient_sq, gradient.pow(2).sum())
         self.elements += gradient.numel()
         self.filled = True
 
     def add_reference(self, reference, gradient):
         """Score a reference estimate of the gradient (e.g. the synthetic gradient injected
         at this boundary one chunk earlier): sums of <reference, gradient> and |reference|^2."""
-        self.reference_dot = self.reference_dot + (reference * gradient).sum()
-        self.reference_sq = self.reference_sq + reference.pow(2).sum()
+        self.reference_dot = _plus(self.reference_dot, (reference * gradient).sum())
+        self.reference_sq = _plus(self.reference_sq, reference.pow(2).sum())
         self.has_reference = True
 
     @property
@@ -86,6 +88,12 @@ class TriggerStats:
         return self.target_sq ** 0.5
 
 
+def _plus(total, value):
+    """`total + value`, where a total still at its starting 0.0 takes `value` as it is
+    (`0.0 + value` is one more tensor operation and changes no value)."""
+    return value if isinstance(total, float) and total == 0.0 else total + value
+
+
 class _SyntheticGradientUpdater(torch.autograd.Function):
     """Identity on the trigger; in backward, turns the real gradient g that reaches the
     trigger into the regression gradient for the message: d/dm sum((m - s*g)^2)/B."""
@@ -100,7 +108,8 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
     def backward(ctx, grad):
         (message,) = ctx.saved_tensors
         target = ctx.scale * grad
-        ctx.stats.add(message.detach(), target, grad)
+        error = message - target
+        ctx.stats.add(message.detach(), target, grad, error)
         if ctx.reference is not None:
             ctx.stats.add_reference(ctx.reference, grad)
         if ctx.stats.gradients is not None:
@@ -108,7 +117,7 @@ class _SyntheticGradientUpdater(torch.autograd.Function):
         if isinstance(ctx.scale, (int, float)) and ctx.scale == 0:  # 0: measure only
             grad_message = torch.zeros_like(message)
         else:
-            grad_message = 2.0 * (message - target) / ctx.stats.batch_size
+            grad_message = 2.0 * error / ctx.stats.batch_size
         # the trigger is a fresh leaf: the real gradient stops here
         return None, grad_message, None, None, None, None
 

@@ -74,12 +74,14 @@ def read_metrics(metrics):
 
 def read_values(values):
     """Python numbers of `values` (0-d tensors and numbers); the tensors in one host sync."""
-    tensors = [v.detach().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    tensors = [v if v.dim() == 0 else v.reshape(()) for v in values if isinstance(v, torch.Tensor)]
     if not tensors:
         return list(values)
     if len({t.device for t in tensors}) > 1:
         tensors = [t.to(tensors[0].device) for t in tensors]
-    read = iter(torch.stack(tensors).tolist())  # dtypes promote: float32 -> float64 is exact
+    with torch.no_grad():  # instead of a detach per value
+        stacked = torch.stack(tensors)
+    read = iter(stacked.tolist())  # dtypes promote: float32 -> float64 is exact
     return [next(read) if isinstance(v, torch.Tensor) else v for v in values]
 
 

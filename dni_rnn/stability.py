@@ -44,6 +44,7 @@ class TargetRMS:
         self.mean_square = None
         self.updates = 0
         self.rms = None  # value() as a Python float, kept so that callers need no device sync
+        self._value = None  # value() as a 0-d tensor, computed once per update
 
     @property
     def known(self):
@@ -55,7 +56,7 @@ class TargetRMS:
         if not float(ms) > 0:
             return
         proposal, rms = self.propose(ms)
-        self.commit(proposal, float(rms))
+        self.commit(proposal, float(rms), rms)
 
     def propose(self, mean_square):
         """`update` in two halves, for a caller that reads its device values once per chunk:
@@ -70,15 +71,19 @@ class TargetRMS:
             else self.decay * self.mean_square + (1 - self.decay) * ms
         return new, (new / (1 - self.decay ** (self.updates + 1))).sqrt()
 
-    def commit(self, mean_square, rms):
-        """Keep a `propose`d mean square; `rms` is its RMS read as a float."""
+    def commit(self, mean_square, rms, value=None):
+        """Keep a `propose`d mean square; `rms` is its RMS read as a float, `value` the
+        0-d tensor it was read from (the same arithmetic as `value()`: kept, not redone)."""
         self.mean_square = mean_square
         self.updates += 1
         self.rms = rms
+        self._value = value
 
     def value(self):
         """The bias-corrected RMS (a 0-d tensor); call only when `known`."""
-        return (self.mean_square / (1 - self.decay ** self.updates)).sqrt()
+        if self._value is None:
+            self._value = (self.mean_square / (1 - self.decay ** self.updates)).sqrt()
+        return self._value
 
     def state_dict(self):
         return {"mean_square": self.mean_square, "updates": self.updates, "decay": self.decay}
@@ -86,6 +91,7 @@ class TargetRMS:
     def load_state_dict(self, state):
         self.mean_square, self.updates = state["mean_square"], int(state["updates"])
         self.decay = float(state["decay"])
+        self._value = None
         self.rms = float(self.value()) if self.known else None
 
 
@@ -112,9 +118,9 @@ def cap_norm(state, max_norm, batch_dim=None):
         (the capped state, the fraction of examples that were scaled down, a 0-d tensor)
     """
     norms = per_example_norm(state, batch_dim)
-    factor = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30),
-                         torch.ones_like(norms))
-    capped = (norms > max_norm).to(norms.dtype).mean()
+    over = norms > max_norm
+    factor = torch.where(over, max_norm / norms.clamp_min(1e-30), torch.ones_like(norms))
+    capped = over.to(norms.dtype).mean()
 
     def scale(t):
         d = nest.batch_dimension(t, batch_dim)
