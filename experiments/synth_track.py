@@ -86,9 +86,9 @@ def main(argv=None):
             pending["ctx"] = torch.cat(parts, 1).double()
             return train_chunk(inputs, targets, *a, **k)
 
-        def recording_add(state, gradient):
+        def recording_add(state, gradient, context=None):
             contexts[buf.slot] = pending["ctx"]
-            return add(state, gradient)
+            return add(state, gradient, context)
 
         run.runner.train_chunk, buf.add = recording_chunk, recording_add
 
