@@ -184,9 +184,9 @@ def test_the_context_must_be_a_stream_beside_the_inputs():
 
 def test_config_context_on_the_copy_task_and_refused_elsewhere(tmp_path):
     from dni_rnn.app.run import Run
-    cfg = load_recipe("copy-smoke", ["dni.context=targets", "dni.synth_layers=0",
-                                     "dni.refit=1e-3", "train.max_steps=30",
-                                     "train.diagnose_every=10", "task.start_length=3"])
+    cfg = load_recipe("copy-cdni-smoke", ["train.max_steps=30", "train.diagnose_every=10",
+                                          "task.start_length=3"])
+    assert (cfg.dni.context, cfg.dni.synth_layers, cfg.dni.refit) == ("targets", 0, 1e-3)
     run = Run(cfg, tmp_path / "r", quiet=True).setup()
     assert run.synth.synthesizer.context_dim == cfg.train.truncation * 10  # 8 bits, end, mask
     run.train()
