@@ -203,3 +203,19 @@ def test_config_context_on_the_copy_task_and_refused_elsewhere(tmp_path):
     lm = load_recipe("ptb-char-smoke", ["dni.context=targets"])
     with pytest.raises(ConfigError, match="dni.context=targets needs a task with vector"):
         Run(lm, tmp_path / "lm", quiet=True, data_dir="../shared/data").setup()
+
+
+def test_a_cdni_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
+    """The replay buffer's contexts travel in the checkpoint: 6 + 6 updates are 12."""
+    import dni_rnn.app.checkpoint as ckpt
+    from dni_rnn.app.training import train
+    over = ["task.start_length=3", "train.diagnose_every=0"]
+    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "whole", quiet=True)
+    train(load_recipe("copy-cdni-smoke", over + ["train.max_steps=6"]),
+          out_dir=tmp_path / "cut", quiet=True)
+    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "cut", resume=True,
+          quiet=True)
+    whole, cut = (ckpt.load(tmp_path / d / "last.pt") for d in ("whole", "cut"))
+    for part in ("model", "synthesizer"):
+        for k, v in whole[part].items():
+            assert torch.equal(v, cut[part][k]), (part, k)
