@@ -129,6 +129,18 @@ VARIANTS = {
 }
 
 
+def interleaved(variants, names, spec, T, seconds, rounds, clock):
+    """{name: [tokens/s per round]}: every variant once per round, the order rotated each
+    round; the run is sized from a quick probe of the hand loop to take ~`seconds`."""
+    probe = measure(variants["loop"], spec, T, 4 * T, clock)
+    steps = max(2 * T, int(probe * seconds / spec.batch) // T * T)
+    results = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            results[n].append(measure(variants[n], spec, T, steps, clock))
+    return results
+
+
 def measure(fn, spec, T, steps, clock):
     data = make_data(spec, steps)
     model = make_model(spec)
@@ -214,13 +226,7 @@ def main(argv=None):
             spec = dataclasses.replace(spec, synth_hidden=args.synth_hidden,
                                        label=f"{spec.label} (synth {args.synth_hidden})")
         for T in map(int, args.truncations.split(",")):
-            # size the run from a quick probe of the baseline so each measurement takes ~seconds
-            probe = measure(VARIANTS["loop"], spec, T, 4 * T, clock)
-            steps = max(2 * T, int(probe * args.seconds / spec.batch) // T * T)
-            results = {n: [] for n in names}
-            for r in range(args.rounds):
-                for n in names[r % len(names):] + names[:r % len(names)]:
-                    results[n].append(measure(VARIANTS[n], spec, T, steps, clock))
+            results = interleaved(VARIANTS, names, spec, T, args.seconds, args.rounds, clock)
             med = {n: statistics.median(v) for n, v in results.items()}
 
             def ratio(n, base):

@@ -38,9 +38,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dni_rnn as dni  # the installed package (pip install -e .)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tbptt import (MODELS, handwritten_loop, keep_malloc, load, lm_loss_for,  # noqa: E402
-                         make_data, make_model, make_optimizer, malloc_note, measure,
-                         runner_loop)
+from bench_tbptt import (MODELS, handwritten_loop, interleaved, keep_malloc,  # noqa: E402
+                         load, lm_loss_for, make_data, make_model, make_optimizer,
+                         malloc_note, runner_loop)
 
 DNI_VARIANTS = {
     "dni": {},
@@ -153,12 +153,7 @@ def self_cpu(spec, T, variants, n):
 
 
 def timing_table(spec, T, names, args, clock):
-    probe = measure(VARIANTS["loop"], spec, T, 4 * T, clock)
-    steps = max(2 * T, int(probe * args.seconds / spec.batch) // T * T)
-    results = {n: [] for n in names}
-    for r in range(args.rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            results[n].append(measure(VARIANTS[n], spec, T, steps, clock))
+    results = interleaved(VARIANTS, names, spec, T, args.seconds, args.rounds, clock)
 
     def ratio(n, base):
         return statistics.median(a / b for a, b in zip(results[n], results[base]))
