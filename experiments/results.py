@@ -261,7 +261,7 @@ def section_copy_cdni():
             "update (docs/dni.md, point 7); 10,000 updates, seeds 1 and 2. `cos_k1`: the mean "
             "cosine of the synthetic gradient with the true future gradient over the second half "
             "of the run.", "",
-            f"    dni-rnn compare copy --truncations 2,3,4 --methods bptt,dni --seeds 1,2 "
+            f"    dni-rnn compare copy --truncations 2,3,4,5 --methods bptt,dni --seeds 1,2 "
             f"--budget-updates 10000 --jobs 2 --out runs/compare-copy-cdni {sets}",
             f"    python experiments/cosine_csv.py runs/compare-copy-cdni/*-T*-s* "
             f"--out docs/results/{name}", ""]
@@ -398,7 +398,7 @@ def render():
             "one at T = 35; on PTB characters a slightly lower bpc at every T on both seeds; "
             "on the 1-bit demo a longer solved length on every seed; on the 8-bit copy tasks "
             "mostly the same length or less with the recipes' DNI, and a longer one at T = 3 "
-            "and 4 on both seeds when the synthesizer also reads the targets after each "
+            "to 5 on both seeds when the synthesizer also reads the targets after each "
             "boundary (cDNI; below; why: docs/dni.md). Plain TBPTT reproduces "
             "Zaremba et al.'s small model. No run diverged.", ""]
     parts = [section_words(), section_chars(), section_copy(), section_copy_cdni(),
