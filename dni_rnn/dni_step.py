@@ -265,9 +265,6 @@ class DNIStep:
         stats = self.interface.last_stats
         if not self.traces.entries or not stats.filled or self.is_zero(b.scale):
             return
-        if current_context() is not None:
-            raise ValueError("BP(lambda) traces do not support a synthesizer context (cDNI); "
-                             "set trace_decay=0")
         tensors = nest.flatten(b.state)
         real = [stats.gradients.get(i, torch.zeros_like(t)) for i, t in enumerate(tensors)]
         with torch.no_grad():

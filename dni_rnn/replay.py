@@ -113,10 +113,10 @@ class SynthReplay:
         idx = torch.randint(0, self.filled * self.width, (self.width,)).to(device)
         pick = lambda bufs: nest.unflatten(
             self.structure, [b.index_select(d, idx) for b, d in zip(bufs, self._dims)])
+        if not with_context:
+            return pick(self.states), pick(self.grads)
         contexts = self.contexts.index_select(0, idx) if self.contexts is not None else None
-        if with_context:
-            return pick(self.states), pick(self.grads), contexts
-        return pick(self.states), pick(self.grads)
+        return pick(self.states), pick(self.grads), contexts
 
     def regression_loss(self, synthesizer, scale):
         """The synthesizer's loss on one replayed minibatch, as at a trigger:

@@ -219,3 +219,12 @@ def test_a_cdni_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
     for part in ("model", "synthesizer"):
         for k, v in whole[part].items():
             assert torch.equal(v, cut[part][k]), (part, k)
+
+
+def test_bp_lambda_traces_refuse_a_context_in_one_line():
+    model, x, y, state, ctx, synth = context_problem()
+    opt = torch.optim.SGD(list(model.parameters()) + list(synth.parameters()), lr=0.1)
+    runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=T, synthesizer=synth,
+                             sg_scale=0.1, trace_decay=1.0, **EXACT)
+    with pytest.raises(ValueError, match="traces do not support a synthesizer context"):
+        list(runner.walk(x, y, state, context=ctx))

@@ -82,6 +82,13 @@ def context_width(cfg, task):
     return cfg.train.truncation * task.context_channels(cfg.dni.context)
 
 
+def context_stream(cfg, task, stream):
+    """The `(N, B, C)` stream a cDNI synthesizer reads (`dni.context`), or None."""
+    if cfg.dni.context == "none" or cfg.dni.method == "bptt":
+        return None
+    return task.context_stream(stream, cfg.dni.context)
+
+
 def build_synthesizers(cfg, model, context_dim=None):
     """(synthesizer, aux head) for cfg.dni.method: (None, None) for plain TBPTT.
 
@@ -353,10 +360,7 @@ class Run:
         return stream_end or self.finished()
 
     def _context(self, stream):
-        """The stream the synthesizer is conditioned on (`dni.context`), or None."""
-        if self.cfg.dni.context == "none" or self.synth is None:
-            return None
-        return self.task.context_stream(stream, self.cfg.dni.context)
+        return context_stream(self.cfg, self.task, stream)
 
     def diagnose(self):
         """The synthetic gradient at the current boundary against the true future gradient

@@ -21,7 +21,7 @@ from .. import diagnostics
 from .. import distributed
 from .cores import CoreShare
 from .config import Config, ConfigError, target_scale, validate
-from .run import Run, build_synthesizers, context_width, select_device
+from .run import Run, build_synthesizers, context_stream, context_width, select_device
 from .stopping import RankLost
 from .tasks import Stream, build_task
 from ..tbptt import NonFiniteLossError, TBPTTRunner, forward_with_resets, window
@@ -177,9 +177,7 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
     runner.load_state_dict(c["runner"])
     inputs, targets, resets = task.diagnosis_stream(split, dev)
     T, K = cfg.train.truncation, max(horizons)
-    context = None
-    if synth is not None and cfg.dni.context != "none":
-        context = task.context_stream(Stream(inputs, targets, resets), cfg.dni.context)
+    context = context_stream(cfg, task, Stream(inputs, targets, resets))
     N = inputs.shape[0]
     last = N - K * T  # the last boundary with room for the longest horizon
     if last < T:
