@@ -22,12 +22,15 @@ features that layer reads (the trigger itself for a linear synthesizer), so it f
 last `chunks` chunks exactly as they are, however fast the model moves. The features are
 standardised inside the solve (float64) and the penalty is `ridge` x the number of rows on
 each standardised feature; the result is folded back into the layer's weight and bias.
-For a linear synthesizer the features are the buffered triggers themselves, so each
-chunk's sums (of x, x x^T, x g^T, g) are computed once, when the refit first meets the chunk,
-and the solve adds them up: a refit then costs one chunk's products and one d x d solve
-instead of the whole buffer's (they take 2 d^2 floats per kept chunk; an MLP's features move
-with its weights and are recomputed every time). A linear synthesizer with a context reads
-[trigger; context]: the solve is over both, split back into its two input layers.
+For a linear synthesizer the features are the buffered triggers themselves, so the buffer
+keeps the running sums (of x, x x^T, x g^T, g) over its chunks: a refit adds the sums of the
+chunks written since the last one and subtracts those of the chunks they replaced, then
+solves one d x d system. That costs two chunks' products instead of the whole buffer's, and
+2 d^2 floats in all. The running sums are recomputed from the buffer every `chunks` refits,
+so float64 rounding cannot build up, and they travel in checkpoints, so a resumed run is
+bit-identical. An MLP's features move with its weights and are recomputed every time. A
+linear synthesizer with a context reads [trigger; context]: the solve is over both, split
+back into its two input layers.
 """
 import torch
 
@@ -58,7 +61,12 @@ class SynthReplay:
         self.states = self.grads = None  # per state tensor: (..., chunks * B, ...)
         self.structure, self.width, self.filled, self.slot = None, 0, 0, 0
         self.contexts = None  # (chunks * B, ...): each trigger's context, when it had one
-        self.moments = {}  # slot -> its sums, for a linear synthesizer's refit
+        self._reset_sums()
+
+    def _reset_sums(self):
+        # a linear synthesizer's refit: sums over the chunks in `counted`, the rows replaced
+        # since the last refit (still in the sums), refits since the sums were last exact
+        self.sums, self.counted, self.leaving, self.since_exact = None, set(), [], 0
 
     def __bool__(self):
         return self.steps > 0 or self.ridge > 0
@@ -84,20 +92,22 @@ class SynthReplay:
             self.grads = [self._empty(t, d) for t, d in zip(tensors, dims)]
             self.contexts = None if context is None else self._empty(context, 0)
             self.filled = self.slot = 0
-            self.moments = {}
+            self._reset_sums()
         if self.states[0].device != tensors[0].device:  # resumed from a checkpoint on the CPU
             self.states = [t.to(tensors[0].device) for t in self.states]
             self.grads = [t.to(tensors[0].device) for t in self.grads]
             if self.contexts is not None:
                 self.contexts = self.contexts.to(tensors[0].device)
-            self.moments = {}
+            self._reset_sums()
+        if self.slot in self.counted:  # its rows leave the sums at the next refit
+            self.leaving.append(self._rows(self.slot, clone=True))
+            self.counted.discard(self.slot)
         a, b = self.slot * width, (self.slot + 1) * width
         for bufs, source in ((self.states, tensors), (self.grads, grads)):
             for buf, t, d in zip(bufs, source, dims):
                 buf.narrow(d, a, b - a).copy_(t.detach())
         if context is not None:
             self.contexts[a:b].copy_(context.detach())
-        self.moments.pop(self.slot, None)
         self.slot = (self.slot + 1) % self.chunks
         self.filled = min(self.filled + 1, self.chunks)
 
@@ -137,8 +147,7 @@ class SynthReplay:
         linear = _is_linear(synthesizer)
         if linear:
             layer = synthesizer.synthesizer.last_layer
-            sums = [self._slot_moments(synthesizer, j) for j in range(self.filled)]
-            sx, sxx, sxg, sg = (sum(m[i] for m in sums) for i in range(4))
+            sx, sxx, sxg, sg = self._running_sums(synthesizer)
         else:
             keep = lambda bufs: nest.unflatten(self.structure, [
                 b.narrow(d, 0, n) for b, d in zip(bufs, self._dims)])
@@ -163,35 +172,70 @@ class SynthReplay:
         else:
             layer.weight.copy_(W.T)
 
-    def _slot_moments(self, synthesizer, j):
-        if j not in self.moments:
-            rows = lambda bufs: nest.unflatten(self.structure, [
-                b.narrow(d, j * self.width, self.width) for b, d in zip(bufs, self._dims)])
-            X = synthesizer.flatten(rows(self.states)).double()
-            G = synthesizer.flatten(rows(self.grads)).double()
-            inner = synthesizer.synthesizer
-            if inner.input_context is not None:
-                X = torch.cat([X, inner.context_features(
-                    self.contexts[j * self.width:(j + 1) * self.width], X.dtype)], 1)
-            self.moments[j] = (X.sum(0), X.T @ X, X.T @ G, G.sum(0))
-        return self.moments[j]
+    def _rows(self, j, clone=False):
+        """Chunk slot j's (states, gradients, context), views into the buffer or copies."""
+        take = (lambda t: t.clone()) if clone else (lambda t: t)
+        rows = lambda bufs: [take(b.narrow(d, j * self.width, self.width))
+                             for b, d in zip(bufs, self._dims)]
+        context = (None if self.contexts is None
+                   else take(self.contexts[j * self.width:(j + 1) * self.width]))
+        return rows(self.states), rows(self.grads), context
+
+    def _moments(self, synthesizer, rows):
+        states, grads, context = rows
+        X = synthesizer.flatten(nest.unflatten(self.structure, states)).double()
+        G = synthesizer.flatten(nest.unflatten(self.structure, grads)).double()
+        inner = synthesizer.synthesizer
+        if inner.input_context is not None:
+            X = torch.cat([X, inner.context_features(context, X.dtype)], 1)
+        return [X.sum(0), X.T @ X, X.T @ G, G.sum(0)]
+
+    def _running_sums(self, synthesizer):
+        """The sums of x, x x^T, x g^T and g over every filled chunk, brought up to date."""
+        if self.sums is None or self.since_exact >= self.chunks:
+            self.sums, self.counted, self.leaving, self.since_exact = None, set(), [], 0
+            for j in range(self.filled):
+                m = self._moments(synthesizer, self._rows(j))
+                self.sums = m if self.sums is None else [s + x for s, x in zip(self.sums, m)]
+                self.counted.add(j)
+        else:
+            for rows in self.leaving:
+                for s, x in zip(self.sums, self._moments(synthesizer, rows)):
+                    s.sub_(x)
+            self.leaving = []
+            for j in range(self.filled):
+                if j not in self.counted:
+                    for s, x in zip(self.sums, self._moments(synthesizer, self._rows(j))):
+                        s.add_(x)
+                    self.counted.add(j)
+            self.since_exact += 1
+        return self.sums
 
     def state_dict(self):
         if self.states is None:
             return {"filled": 0}
         return {"states": self.states, "grads": self.grads, "structure": self.structure,
                 "width": self.width, "filled": self.filled, "slot": self.slot,
-                "shapes": self._shapes, "dims": self._dims, "contexts": self.contexts}
+                "shapes": self._shapes, "dims": self._dims, "contexts": self.contexts,
+                "sums": self.sums, "counted": sorted(self.counted), "leaving": self.leaving,
+                "since_exact": self.since_exact}
 
     def load_state_dict(self, state):
         self.clear()
         if not state.get("filled"):
             return
-        self.states, self.grads = list(state["states"]), list(state["grads"])
+        own = lambda tensors: [t.clone() for t in tensors]  # refits change them in place
+        self.states, self.grads = own(state["states"]), own(state["grads"])
         self.structure, self.width = state["structure"], int(state["width"])
         self.filled, self.slot = int(state["filled"]), int(state["slot"])
         self._shapes, self._dims = [tuple(s) for s in state["shapes"]], list(state["dims"])
         self.contexts = state.get("contexts")
+        if self.contexts is not None:
+            self.contexts = self.contexts.clone()
+        if state.get("sums") is not None:  # checkpoints before the running sums recompute them
+            self.sums, self.counted = own(state["sums"]), set(state["counted"])
+            self.leaving = [(own(s), own(g), c) for s, g, c in state["leaving"]]
+            self.since_exact = int(state["since_exact"])
 
 
 def _is_linear(synthesizer):

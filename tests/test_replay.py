@@ -1,4 +1,6 @@
 """The synthesizer's replay (dni.replay): what it keeps, what it moves, its loss."""
+import copy
+
 import pytest
 import torch
 
@@ -156,6 +158,56 @@ def test_refit_solves_the_ridge_regression_on_the_buffer(n_hidden):
     changed = {k for k, v in synth.state_dict().items() if not torch.equal(v, before[k])}
     last = "synthesizer.output" if n_hidden else "synthesizer.input_trigger"
     assert changed == {f"{last}.weight", f"{last}.bias"}
+
+
+@pytest.mark.parametrize("with_context", [False, True])
+def test_a_linear_refit_keeps_running_sums_equal_to_the_sums_over_the_buffer(with_context):
+    """The running sums of a linear refit, after chunks replaced with and without a refit
+    between them, equal the sums over what the buffer holds (to float64 rounding); every
+    `chunks` refits they are recomputed from the buffer; a buffer saved and loaded mid-cycle
+    goes on with bit-identical sums."""
+    chunks, ridge, scale = 3, 0.05, 2.0
+    g = torch.Generator().manual_seed(2)
+    draw = lambda: tuple(torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+                         for _ in range(2))
+    context = lambda: torch.randn(4, 5, generator=g, dtype=torch.float64) if with_context \
+        else None
+    synth = dni.StateSynthesizer.mlp(12, n_hidden=0, context_dim=5 if with_context else None)
+    synth = synth.double()
+    buffer = dni.replay.SynthReplay(steps=0, chunks=chunks, ridge=ridge)
+
+    def from_scratch():
+        rows = buffer.filled * buffer.width
+        X = synth.flatten(tuple(b[:, :rows] for b in buffer.states))
+        G = synth.flatten(tuple(b[:, :rows] for b in buffer.grads))
+        if with_context:
+            X = torch.cat([X, buffer.contexts[:rows]], 1)
+        return [X.sum(0), X.T @ X, X.T @ G, G.sum(0)]
+
+    exact_at = []
+    for update in range(11):
+        buffer.add(draw(), draw(), context())
+        if update % 3 == 1:  # two chunks replaced before this refit
+            continue
+        buffer.refit(synth, scale)
+        exact_at.append(buffer.since_exact == 0)
+        for kept, expected in zip(buffer.sums, from_scratch()):
+            torch.testing.assert_close(kept, expected, rtol=1e-13, atol=1e-13)
+    assert exact_at.count(True) >= 2  # recomputed at the start and again after `chunks`
+    saved = buffer.state_dict()
+    twin = dni.replay.SynthReplay(steps=0, chunks=chunks, ridge=ridge)
+    twin.load_state_dict(saved)
+    synth_twin = copy.deepcopy(synth)
+    for b, s in ((buffer, synth), (twin, synth_twin)):
+        torch.manual_seed(9)
+        g.manual_seed(9)
+        for _ in range(2):
+            b.add(draw(), draw(), context())
+        b.refit(s, scale)
+    for a, b in zip(buffer.sums, twin.sums):
+        assert torch.equal(a, b)
+    for a, b in zip(synth.parameters(), synth_twin.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_refit_in_training_fits_the_last_chunks_and_resumes_bit_for_bit(tmp_path):
