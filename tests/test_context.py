@@ -205,6 +205,22 @@ def test_config_context_on_the_copy_task_and_refused_elsewhere(tmp_path):
         Run(lm, tmp_path / "lm", quiet=True, data_dir="../shared/data").setup()
 
 
+def test_config_context_steps_sets_the_window_past_the_truncation(tmp_path):
+    """dni.context_steps=5 at T=3: the synthesizer reads 5 steps of targets after each
+    boundary, in training, in the in-training diagnosis and in `dni-rnn diagnose`."""
+    from dni_rnn.app.run import Run
+    from dni_rnn.app.training import diagnose_checkpoint
+    cfg = load_recipe("copy-cdni-smoke", ["train.max_steps=6", "train.diagnose_every=3",
+                                          "task.start_length=3", "dni.context_steps=5"])
+    run = Run(cfg, tmp_path / "r", quiet=True).setup()
+    assert cfg.train.truncation == 3 and run.synth.synthesizer.context_dim == 5 * 10
+    run.train()
+    assert '"diagnose"' in (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert diagnose_checkpoint(tmp_path / "r", horizons=(1,), boundaries=2)["boundaries"] >= 1
+    with pytest.raises(ConfigError, match="dni.context_steps must be >= 0"):
+        load_recipe("copy-cdni-smoke", ["dni.context_steps=-1"])
+
+
 def test_a_cdni_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
     """The replay buffer's contexts travel in the checkpoint: 6 + 6 updates are 12."""
     import dni_rnn.app.checkpoint as ckpt

@@ -169,6 +169,8 @@ class DNIConfig:
     context: str = _f("none", "cDNI: the synthesizer at a boundary also sees the data of the "
                               "train.truncation steps after it: targets, inputs or both (the "
                               "copy tasks; none: the state alone; docs/dni.md)", CONTEXTS)
+    context_steps: int = _f(0, "how many steps after a boundary the cDNI context covers (0: "
+                               "train.truncation)")
 
 
 @dataclass
@@ -423,6 +425,8 @@ def validate(cfg):
     need(cfg.dni.synth_layers >= 0, "dni.synth_layers must be >= 0")
     need(cfg.dni.replay >= 0, f"dni.replay must be >= 0 (0: off), got {cfg.dni.replay}")
     need(cfg.dni.replay_chunks >= 1, f"dni.replay_chunks must be >= 1, got {cfg.dni.replay_chunks}")
+    need(cfg.dni.context_steps >= 0, "dni.context_steps must be >= 0 (0: train.truncation), "
+         f"got {cfg.dni.context_steps}")
     need(cfg.dni.refit >= 0, f"dni.refit must be >= 0 (0: off), got {cfg.dni.refit}")
     need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
     _validate_bp_lambda(cfg.dni, need)

@@ -79,7 +79,12 @@ def context_width(cfg, task):
     if not hasattr(task, "context_channels"):
         raise ConfigError(f"dni.context={cfg.dni.context} needs a task with vector inputs and "
                           "targets (copy, repeat-copy); set dni.context=none")
-    return cfg.train.truncation * task.context_channels(cfg.dni.context)
+    return context_steps(cfg) * task.context_channels(cfg.dni.context)
+
+
+def context_steps(cfg):
+    """How many steps after a boundary the synthesizer's context covers."""
+    return cfg.dni.context_steps or cfg.train.truncation
 
 
 def context_stream(cfg, task, stream):
@@ -289,7 +294,8 @@ class Run:
                         p.pos = 0
                     s = self.stream
                     walk = self.runner.walk(s.inputs, s.targets, self.state, s.resets,
-                                            start=p.pos, context=self._context(s))
+                                            start=p.pos, context=self._context(s),
+                                            context_steps=context_steps(self.cfg))
                     for p.pos, self.state, m in walk:
                         if self._after_chunk(m):
                             break
@@ -377,7 +383,7 @@ class Run:
         report = diagnostics.diagnose(self.runner, s.inputs[p.pos:], s.targets[p.pos:],
                                       self.state, self.cfg.train.truncation,
                                       horizons(self.cfg), resets, context=None if ctx is None
-                                      else window(ctx, p.pos, self.cfg.train.truncation))
+                                      else window(ctx, p.pos, context_steps(self.cfg)))
         if report:
             self.log.emit({"kind": "diagnose", "step": self.step, "tokens": p.tokens,
                            **report})
@@ -394,7 +400,8 @@ class Run:
                     reports.append(diagnostics.diagnose(
                         self.runner, s.inputs[a:], s.targets[a:], state, T,
                         horizons(self.cfg), s.resets[a:],
-                        context=None if ctx is None else window(ctx, a, T)))
+                        context=None if ctx is None
+                        else window(ctx, a, context_steps(self.cfg))))
                 with torch.no_grad():
                     _, state, _ = forward_with_resets(self.model, s.inputs[a:a + T], state,
                                                       s.resets[a:a + T], self.runner.batch_dim)

@@ -21,7 +21,8 @@ from .. import diagnostics
 from .. import distributed
 from .cores import CoreShare
 from .config import Config, ConfigError, target_scale, validate
-from .run import Run, build_synthesizers, context_stream, context_width, select_device
+from .run import (Run, build_synthesizers, context_steps, context_stream, context_width,
+                  select_device)
 from .stopping import RankLost
 from .tasks import Stream, build_task
 from ..tbptt import NonFiniteLossError, TBPTTRunner, forward_with_resets, window
@@ -199,7 +200,8 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
                                                 T, horizons, tail,
                                                 train_batch=cfg.data.batch_size,
                                                 context=None if context is None
-                                                else window(context, start, T)))
+                                                else window(context, start,
+                                                            context_steps(cfg))))
     return {"checkpoint": str(file), "step": runner.step, "split": split, "T": T,
             "horizons": list(horizons), "boundaries": len(reports),
             **diagnostics.mean_reports(reports)}
