@@ -64,6 +64,7 @@ class DNIStep:
         replay, replay_chunks: replayed synthesizer updates (`replay.SynthReplay`).
         refit: the ridge penalty of a closed-form refit of the synthesizer's last layer on
             the replay buffer after every update (0: off; `replay.SynthReplay`).
+        refit_every: refit after one update in this many (1: every update).
         trace_decay: BP(lambda)'s lambda: the synthesizer also learns from later chunks' TD
             errors through eligibility traces that decay by bootstrap * trace_decay per chunk,
             `bootstrap` being BP(lambda)'s discount gamma (0: off; `traces.SynthTraces`).
@@ -73,7 +74,7 @@ class DNIStep:
     def __init__(self, synthesizer, sg_scale=0.1, bootstrap=None, warmup=0, target_scale="rms",
                  sg_cap=1.0, guard=True, calibrate=False, aux_head=None, aux_weight=0.0,
                  batch_dim=None, replay=0, replay_chunks=32, refit=0.0, trace_decay=0.0,
-                 trace_horizon=32):
+                 trace_horizon=32, refit_every=1):
         self.check_settings(sg_scale, bootstrap, target_scale, sg_cap)
         self.recurrent = getattr(synthesizer, "recurrent", False)
         if self.recurrent and (replay or refit):
@@ -95,7 +96,8 @@ class DNIStep:
         self._reference = None  # the g_hat injected at the last chunk's end, before the gate
         self.recoveries = 0
         self._recovered = False
-        self.replay = SynthReplay(replay, replay_chunks, batch_dim, ridge=refit)
+        self.replay = SynthReplay(replay, replay_chunks, batch_dim, ridge=refit,
+                                  refit_every=refit_every)
         self.traces = SynthTraces(trace_decay, trace_horizon, batch_dim)
         self.params = list(synthesizer.parameters())
         if self.aux_on:
@@ -377,7 +379,7 @@ class DNIStep:
             if clip:
                 torch.nn.utils.clip_grad_norm_(self.params, clip)
             optimizer.step()
-        if self.replay.ridge:  # after the steps: they may have moved the features
+        if self.replay.refit_due():  # after the steps: they may have moved the features
             self.replay.refit(self.interface.synthesizer, scale)
 
     # ---- checkpoints -----------------------------------------------------------------------

@@ -47,20 +47,23 @@ class SynthReplay:
         batch_dim: the batch dimension of state tensors (None: the one before the features).
         ridge: refit the synthesizer's last layer in closed form after every update, with
             this ridge penalty (0: no refit; with `steps` 0 too, nothing is kept).
+        refit_every: refit after one update in this many (the first after the buffer
+            starts, then every `refit_every`-th); the buffer still takes every chunk.
     """
 
-    def __init__(self, steps, chunks=32, batch_dim=None, ridge=0.0):
-        if steps < 0 or chunks < 1 or ridge < 0:
-            raise ValueError(f"replay needs steps >= 0, chunks >= 1 and ridge >= 0, got {steps}, "
-                             f"{chunks}, {ridge}")
+    def __init__(self, steps, chunks=32, batch_dim=None, ridge=0.0, refit_every=1):
+        if steps < 0 or chunks < 1 or ridge < 0 or refit_every < 1:
+            raise ValueError(f"replay needs steps >= 0, chunks >= 1, ridge >= 0 and refit_every "
+                             f">= 1, got {steps}, {chunks}, {ridge}, {refit_every}")
         self.steps, self.chunks, self.batch_dim = int(steps), int(chunks), batch_dim
-        self.ridge = float(ridge)
+        self.ridge, self.refit_every = float(ridge), int(refit_every)
         self.clear()
 
     def clear(self):
         self.states = self.grads = None  # per state tensor: (..., chunks * B, ...)
         self.structure, self.width, self.filled, self.slot = None, 0, 0, 0
         self.contexts = None  # (chunks * B, ...): each trigger's context, when it had one
+        self.updates = 0  # since the buffer started: when the next refit is due
         self._reset_sums()
 
     def _reset_sums(self):
@@ -136,6 +139,11 @@ class SynthReplay:
                                             "synthesizer message")
         return sum((m - scale * g).pow(2).sum() for m, g in zip(message, nest.flatten(grads))) \
             / self.width
+
+    def refit_due(self):
+        """Count one update; whether its refit runs (`refit_every`)."""
+        self.updates += 1
+        return self.ridge > 0 and (self.updates - 1) % self.refit_every == 0
 
     @torch.no_grad()
     def refit(self, synthesizer, scale):
@@ -218,7 +226,7 @@ class SynthReplay:
                 "width": self.width, "filled": self.filled, "slot": self.slot,
                 "shapes": self._shapes, "dims": self._dims, "contexts": self.contexts,
                 "sums": self.sums, "counted": sorted(self.counted), "leaving": self.leaving,
-                "since_exact": self.since_exact}
+                "since_exact": self.since_exact, "updates": self.updates}
 
     def load_state_dict(self, state):
         self.clear()
@@ -229,6 +237,7 @@ class SynthReplay:
         self.structure, self.width = state["structure"], int(state["width"])
         self.filled, self.slot = int(state["filled"]), int(state["slot"])
         self._shapes, self._dims = [tuple(s) for s in state["shapes"]], list(state["dims"])
+        self.updates = int(state.get("updates", 0))
         self.contexts = state.get("contexts")
         if self.contexts is not None:
             self.contexts = self.contexts.clone()

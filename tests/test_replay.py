@@ -233,6 +233,36 @@ def test_refit_in_training_fits_the_last_chunks_and_resumes_bit_for_bit(tmp_path
         assert torch.equal(a, b)
 
 
+def test_refit_every_k_updates_refits_on_the_first_and_every_kth_and_resumes_bit_for_bit():
+    """refit_every=3: the refit runs after updates 1, 4, 7 (in between the synthesizer
+    moves only by its own optimizer); the count travels in checkpoints."""
+    buffer = dni.replay.SynthReplay(steps=0, chunks=4, ridge=1e-3, refit_every=3)
+    assert [buffer.refit_due() for _ in range(7)] == [True, False, False] * 2 + [True]
+    with pytest.raises(ValueError, match="refit_every"):
+        dni.replay.SynthReplay(steps=0, ridge=1e-3, refit_every=0)
+
+    def refitted_after_each_update(cut):
+        runner, model, synth, x, y, state = runner_for(0, refit=1e-3, refit_every=3)
+        out = []
+        for k in range(3):
+            if cut and k == 2:  # saved after update 2, with the next refit due at update 4
+                saved = runner.state_dict()
+                runner.replay.clear()
+                runner.load_state_dict(saved)
+            w = synth.synthesizer.output.weight.detach().clone()
+            state, _ = runner.train_chunk(x[4 * k:4 * k + 4], y[4 * k:4 * k + 4], state)
+            fitted = synth.synthesizer.output.weight.detach().clone()
+            runner.replay.refit(synth, runner.dni.scale(4 * 3))
+            out.append((w, fitted, torch.equal(fitted, synth.synthesizer.output.weight)))
+            synth.synthesizer.output.weight.data.copy_(fitted)
+        return out
+
+    whole, cut = refitted_after_each_update(False), refitted_after_each_update(True)
+    assert [is_fit for _, _, is_fit in whole] == [True, False, False]
+    for (_, a, _), (_, b, _) in zip(whole, cut):
+        assert torch.equal(a, b)
+
+
 def test_config_refuses_a_negative_refit():
     with pytest.raises(ConfigError, match="dni.refit"):
         load_recipe("copy-smoke", ["dni.refit=-1"])

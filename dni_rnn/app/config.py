@@ -165,6 +165,7 @@ class DNIConfig:
     refit: float = _f(0.0, "after every update, set the synthesizer's last layer to the ridge "
                            "regression on the replay buffer, with this penalty (0: off; "
                            "docs/dni.md)")
+    refit_every: int = _f(1, "refit after one update in this many (dni.refit > 0)")
     aux_weight: float = _f(0.1, "weight of the auxiliary loss (dni-aux only)")
     context: str = _f("none", "cDNI: the synthesizer at a boundary also sees the data of the "
                               "train.truncation steps after it: targets, inputs or both (the "
@@ -427,6 +428,7 @@ def validate(cfg):
     need(cfg.dni.replay_chunks >= 1, f"dni.replay_chunks must be >= 1, got {cfg.dni.replay_chunks}")
     need(cfg.dni.context_steps >= 0, "dni.context_steps must be >= 0 (0: train.truncation), "
          f"got {cfg.dni.context_steps}")
+    need(cfg.dni.refit_every >= 1, f"dni.refit_every must be >= 1, got {cfg.dni.refit_every}")
     need(cfg.dni.refit >= 0, f"dni.refit must be >= 0 (0: off), got {cfg.dni.refit}")
     need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
     _validate_bp_lambda(cfg.dni, need)
