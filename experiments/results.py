@@ -251,19 +251,19 @@ def section_copy():
     return "\n".join(text)
 
 
-def section_cdni(task):
+def section_cdni(task, budget, out):
     name = f"{task}-cdni.csv"
     sets = ("--set train.device=cpu --set dni.context=targets --set dni.synth_layers=0 "
             "--set dni.refit=1e-3 --set dni.replay_chunks=64 --set train.diagnose_every=100")
     text = [f"### {task}, DNI conditioned on the targets after each boundary (cDNI)", "",
             "The same task with a linear synthesizer that also reads the targets of the T steps "
             "after its boundary, refitted in closed form on the last 64 chunks after every "
-            "update (docs/dni.md, point 7); 10,000 updates, seeds 1 and 2. `cos_k1`: the mean "
+            f"update (docs/dni.md, point 7); {budget:,} updates, seeds 1 and 2. `cos_k1`: the mean "
             "cosine of the synthetic gradient with the true future gradient over the second half "
             "of the run.", "",
             f"    dni-rnn compare {task} --truncations 2,3,4,5 --methods bptt,dni --seeds 1,2 "
-            f"--budget-updates 10000 --jobs 2 --out runs/compare-{task}-cdni {sets}",
-            f"    python experiments/cosine_csv.py runs/compare-{task}-cdni/*-T*-s* "
+            f"--budget-updates {budget} --jobs 2 --out {out} {sets}",
+            f"    python experiments/cosine_csv.py {out}/*-T*-s* "
             f"--out docs/results/{name}", ""]
     rows = read(name)
     if rows is None:
@@ -401,8 +401,9 @@ def render():
             "to 5 on both seeds when the synthesizer also reads the targets after each "
             "boundary (cDNI; below; why: docs/dni.md). Plain TBPTT reproduces "
             "Zaremba et al.'s small model. No run diverged.", ""]
-    parts = [section_words(), section_chars(), section_copy(), section_cdni("copy"),
-             section_cdni("repeat-copy"),
+    parts = [section_words(), section_chars(), section_copy(),
+             section_cdni("copy", 10000, "runs/compare-copy-cdni"),
+             section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni-20k"),
              section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 
