@@ -3,6 +3,7 @@
 For chunk k (docs/design.md, "One chunk with DNI"):
 
     begin     s_k -> trigger (the real gradient that reaches it trains M)
+    record_chunk  just before the model's forward: BP(lambda) keeps how the chunk runs
     inject    at s_{k+1}: beta * g_hat into the deferred backward (capped, gated, zeroed for
               streams that restart), the bootstrap's second VJP when lambda != beta, Aux
     finish    after the backward: BP(lambda)'s share of the TD error for earlier boundaries
@@ -14,6 +15,7 @@ For chunk k (docs/design.md, "One chunk with DNI"):
 `TBPTTRunner` builds one from its DNI keywords, or takes one (`TBPTTRunner(..., dni=step)`).
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,7 @@ from .stability import (Calibration, DivergenceGuard, TargetRMS, cap_norm,
                         forget_optimizer_state, zero_output_)
 from .streams import zero_streams
 from .synthesizers import current_context, state_dim
-from .traces import SynthTraces, flat_streams, message_at, state_jacobian
+from .traces import KeptChunk, SynthTraces, flat_streams, message_at, state_jacobian
 
 
 @dataclass
@@ -42,7 +44,8 @@ class Boundary:
     proposal: object = None  # (mean square, RMS) proposed in `pending`, committed in `account`
     state: object = None     # the incoming state (BP(lambda) traces)
     memory: object = None    # a recurrent synthesizer's memory at the trigger (traces)
-    jacobian: object = None  # the chunk's state Jacobian (B, D, D) (traces)
+    pullback: object = None  # the chunk's J (B, D, D) or `KeptChunk` (traces)
+    model: object = None     # the model, to run kept chunks again (traces)
     context: object = None   # the synthesizer's context at the trigger (cDNI), for replay
 
 
@@ -190,11 +193,26 @@ class DNIStep:
             self.synthesizer.advance(state)
         return boundary
 
+    def record_chunk(self, b, future, model, inputs, resets=None):
+        """Just before the chunk's forward `forward_with_resets(model, inputs, trigger, resets,
+        batch_dim, aux_on)`: with traces that keep chunks rather than Jacobians, how this one
+        runs (`traces.KeptChunk`)."""
+        if self.traces:
+            b.model = model
+            if future and self.traces.keeps_chunks(b.state):
+                if KeptChunk.can_run(model):
+                    b.pullback = KeptChunk.record(model, inputs, resets)
+                else:  # `inject` takes the Jacobian
+                    warnings.warn("BP(lambda): the model's named_parameters() miss some of its "
+                                  "parameters(), so its chunks cannot run again as they were; "
+                                  "the traces keep state Jacobians (D backward passes a chunk)",
+                                  stacklevel=2)
+
     # ---- the chunk's end -----------------------------------------------------------------
 
     def inject(self, b, new_state, first=None, next_resets=None, resets=None):
         """Inside the deferred block: beta * gate * g_hat at `new_state`, the bootstrap
-        correction, the Aux loss; with traces, the chunk's state Jacobian. `resets` (T, B):
+        correction, the Aux loss; with traces that keep Jacobians, the chunk's. `resets` (T, B):
         the streams that restarted inside the chunk (a recurrent synthesizer forgets them)."""
         if self.recurrent and resets is not None:
             self.synthesizer.reset_streams(resets.any(dim=0))
@@ -213,8 +231,8 @@ class DNIStep:
         if self.aux_on:
             b.aux = self._aux_loss(first, predicted, b.scale)
             deferred.backward(self.aux_weight * b.aux)
-        if self.traces:
-            b.jacobian = state_jacobian(b.trigger, new_state, self.batch_dim)
+        if self.traces and b.pullback is None:
+            b.pullback = state_jacobian(b.trigger, new_state, self.batch_dim)
 
     def synthesize(self, new_state, scale):
         """g_hat at a boundary, capped per stream at sg_cap x the targets' RMS norm, and the
@@ -257,7 +275,7 @@ class DNIStep:
         if self.traces:
             self._trace_backward(b)
             if future:
-                self.traces.push(b.state, b.memory, b.jacobian)
+                self.traces.push(b.state, b.memory, b.pullback)
             else:
                 self.traces.clear()
         if not future and self.recurrent:
@@ -274,7 +292,7 @@ class DNIStep:
         delta = b.scale * flat_streams(real, self.batch_dim) \
             - flat_streams(message, self.batch_dim)  # TD error, target units
         self.traces.backward(self.synthesizer, delta, self.bootstrap * self.traces.decay,
-                             stats.batch_size)
+                             stats.batch_size, b.model, self.aux_on)
 
     def restart(self):
         """The streams start again from zero (a skipped chunk): the traces and a recurrent

@@ -490,10 +490,30 @@ class _Network(nn.Module):
     def init_state(self, batch_size):
         return self.module.init_state(batch_size)
 
-    def parameters(self, recurse=True):
-        synth = {id(p) for m in (self.module.synthesizer, self.module.aux_head)
-                 if m is not None for p in m.parameters()}
-        return iter([p for p in self.module.parameters() if id(p) not in synth])
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        """The module's but the synthesizer's, named as reached from here ("module.<name>"):
+        `parameters()` and `torch.func.functional_call` (BP(lambda)'s kept chunks) read
+        them."""
+        synth = self._synth_ids("parameters")
+        for name, p in self.module.named_parameters(_joined(prefix, "module"), recurse,
+                                                    remove_duplicate):
+            if id(p) not in synth:
+                yield name, p
+
+    def named_buffers(self, prefix="", recurse=True, remove_duplicate=True):
+        synth = self._synth_ids("buffers")
+        for name, b in self.module.named_buffers(_joined(prefix, "module"), recurse,
+                                                 remove_duplicate):
+            if id(b) not in synth:
+                yield name, b
+
+    def _synth_ids(self, kind):
+        return {id(t) for m in (self.module.synthesizer, self.module.aux_head)
+                if m is not None for t in getattr(m, kind)()}
+
+
+def _joined(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _dni_settings(dni):

@@ -188,6 +188,7 @@ class TBPTTRunner:
         with deferred.defer_backward():
             with _context(context):
                 boundary = dni.begin(state, self.step, metrics.tokens)
+            dni.record_chunk(boundary, future, self.model, inputs, resets)
             outputs, new_state, first = forward_with_resets(
                 self.model, inputs, boundary.trigger, resets, self.batch_dim, dni.aux_on)
             loss = self.loss_fn(outputs, targets)

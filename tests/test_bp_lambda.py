@@ -8,13 +8,16 @@ discounted real future gradient through the rest of the stream (full BPTT). Onli
 linear synthesizer, the updates are those of the accumulating trace
 e <- gamma lambda J e + dM/dtheta kept over the synthesizer's parameters.
 """
+import io
+
 import pytest
 import torch
 from torch import nn
 
 import dni_rnn as dni
 from dni_rnn.config import ConfigError, bootstrap_and_traces, load_recipe
-from dni_rnn.traces import flat_streams
+from dni_rnn.streams import forward_with_resets
+from dni_rnn.traces import KeptChunk, flat_streams, state_jacobian
 from helpers import EXACT, RecordingOptimizer, boundaries, chunk_loss, make_problem
 
 
@@ -279,9 +282,12 @@ def test_the_horizon_keeps_the_last_chunks_and_a_stream_end_clears_them():
     walk = runner.walk(x, y, state)
     for _ in range(4):
         next(walk)
-    assert len(runner.dni.traces.entries) == 2
+    traces = runner.dni.traces
+    assert len(traces.entries) == 2
     D = dni.state_dim(state)
-    assert runner.dni.traces.entries[-1][2].shape == (3, D, D)
+    assert traces.keeps_chunks(state)  # D = 16 features > horizon 2: kept as chunks
+    start, end = traces.entries[0][2].graph  # run again by the last TD error's pull
+    assert state_jacobian(start, end).shape == (3, D, D)
     list(walk)
     assert runner.dni.traces.entries == []  # the stream ended
 
@@ -302,6 +308,131 @@ def test_a_resumed_walk_with_traces_continues_bit_for_bit():
             saved = runner.state_dict()
             runner.dni.traces.clear()
             runner.load_state_dict(saved)
+            walk = runner.walk(x, y, state, start=end)
+        list(walk)
+        outs.append([p.detach().clone() for p in list(model.parameters())
+                     + list(synth.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_a_kept_chunk_runs_again_as_it_ran():
+    """Run again after the model has moved, a kept chunk (with dropout and a stream that
+    restarts inside it) ends in the same state bit for bit, and pulls a vector back as its
+    Jacobian at the parameters of its time does."""
+    model, x, y, state = make_problem(n_steps=4)
+    model.rnn.dropout = 0.5
+    resets = torch.zeros(4, 3, dtype=torch.bool)
+    resets[2, 1] = True
+    torch.manual_seed(7)
+    s = leaf(state)
+    chunk = KeptChunk.record(model, x, resets)
+    outputs, end, _ = forward_with_resets(model, x, s, resets)
+    J = state_jacobian(s, end)
+    chunk_loss(outputs, y).backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    u = torch.randn(3, dni.state_dim(state), generator=torch.Generator().manual_seed(1),
+                    dtype=x.dtype)
+    pulled = chunk.pull_back(u, state, model)
+    assert all(torch.equal(a, b) for a, b in zip(chunk.graph[1], end))
+    torch.testing.assert_close(pulled, torch.einsum("boi,bo->bi", J, u), rtol=1e-12,
+                               atol=1e-14)
+    assert not pulled[1].any()  # stream 1 restarted: J = 0
+
+
+def moving_run(synth_kind, jacobians, streams=2):
+    """Model and synthesizer learning by SGD over `streams` streams of 13 steps in chunks of 3
+    (the last one shorter), stream 1 restarting inside the second chunk and stream 0 inside
+    the fourth; traces kept as Jacobians or as chunks. Returns the parameters after it, and
+    whether the traces held chunks before each stream's end."""
+    model, x, y, state = make_problem(n_steps=13)
+    if synth_kind == "gru":
+        torch.manual_seed(4)
+        synth = dni.RecurrentSynthesizer(dni.state_dim(state), hidden_dim=5).double()
+        with torch.no_grad():
+            synth.synthesizer.readout.weight.normal_(0, 0.3)
+    else:
+        synth = random_linear_synth(state)
+    resets = torch.zeros(13, 3, dtype=torch.bool)
+    resets[4, 1] = resets[10, 0] = True
+    opt = torch.optim.SGD(list(model.parameters()) + list(synth.parameters()), lr=0.05)
+    runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=3, clip=None, synthesizer=synth,
+                             sg_scale=0.3, bootstrap=0.8, trace_decay=0.9, **EXACT)
+    runner.dni.traces.jacobians = jacobians
+    kept = []
+    for n in range(streams):
+        walk = runner.walk(x.roll(n, dims=0), y.roll(n, dims=0), state, resets)
+        for _ in range(4):
+            next(walk)
+        kept.append([isinstance(e[2], KeptChunk) for e in runner.dni.traces.entries])
+        list(walk)
+        assert runner.dni.traces.entries == []  # the stream ended
+    return [p.detach().clone() for p in list(model.parameters()) + list(synth.parameters())], kept
+
+
+@pytest.mark.parametrize("synth_kind", ["linear", "gru"])
+def test_kept_chunks_pull_back_as_the_jacobians_do(synth_kind):
+    """BP(lambda) through kept chunks (run again) equals BP(lambda) through their state
+    Jacobians to float64 rounding, with the model moving between chunks (so J_i must be taken
+    at the parameters of chunk i), streams that restart inside a chunk (J = 0 there) and the
+    end of a stream followed by another."""
+    by_jacobians, held = moving_run(synth_kind, jacobians=True)
+    assert held == [[False] * 4] * 2
+    by_chunks, held = moving_run(synth_kind, jacobians=False)
+    assert held == [[True] * 4] * 2
+    for a, b in zip(by_chunks, by_jacobians):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert not torch.equal(by_chunks[0], make_problem()[0].rnn.weight_ih_l0)  # it learned
+
+
+class Unnamed(nn.Module):
+    """A model that holds its network outside the module tree: `parameters()` lists the
+    network's, `named_parameters()` nothing."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.__dict__["net"] = net
+
+    def forward(self, x, state):
+        return self.net(x, state)
+
+    def parameters(self, recurse=True):
+        return self.net.parameters()
+
+
+def test_a_model_that_cannot_run_again_from_its_named_weights_keeps_jacobians():
+    model, x, y, state = make_problem(n_steps=9)
+    synth = random_linear_synth(state)
+    opt = torch.optim.SGD(list(model.parameters()) + list(synth.parameters()), lr=0.05)
+    runner = dni.TBPTTRunner(Unnamed(model), chunk_loss, opt, truncation=3, synthesizer=synth,
+                             bootstrap=0.9, trace_decay=1.0, trace_horizon=2, **EXACT)
+    walk = runner.walk(x, y, state)
+    with pytest.warns(UserWarning, match="the traces keep state Jacobians"):
+        next(walk)
+        next(walk)
+    assert [e[2].shape for e in runner.dni.traces.entries] == [(3, 16, 16)] * 2
+
+
+def test_a_resumed_walk_through_kept_chunks_continues_bit_for_bit():
+    """The checkpoint holds the kept chunks (inputs, resets, weights, random-number state),
+    which a resumed run runs again as the uninterrupted one does."""
+    outs = []
+    for cut in (False, True):
+        model, x, y, state = make_problem(n_steps=12)
+        model.rnn.dropout = 0.3
+        torch.manual_seed(2)
+        synth = dni.StateSynthesizer.mlp(dni.state_dim(state), n_hidden=1).double()
+        opt = torch.optim.Adam(list(model.parameters()) + list(synth.parameters()), lr=1e-2)
+        runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=2, synthesizer=synth,
+                                 bootstrap=0.9, trace_decay=0.8, trace_horizon=3)
+        walk = runner.walk(x, y, state)
+        for _ in range(3):
+            end, state, _ = next(walk)
+        assert all(isinstance(e[2], KeptChunk) for e in runner.dni.traces.entries)  # D=16 > 3
+        if cut:
+            saved = runner.state_dict()
+            torch.save(saved, buffer := io.BytesIO())
+            runner.dni.traces.clear()
+            runner.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
             walk = runner.walk(x, y, state, start=end)
         list(walk)
         outs.append([p.detach().clone() for p in list(model.parameters())

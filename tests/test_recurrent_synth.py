@@ -150,11 +150,14 @@ TINY_COPY = ["model.hidden_dim=8", "data.batch_size=4", "task.eval_sequences=8",
              "dni.synth_hidden=6"]
 
 
-@pytest.mark.parametrize("method", ["dni", "bp-lambda"])
-def test_resume_after_a_kill_is_bit_exact(method, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, extra", [("dni", []), ("bp-lambda", []),
+                                           ("bp-lambda", ["dni.trace_horizon=4"])])
+def test_resume_after_a_kill_is_bit_exact(method, extra, tmp_path, monkeypatch):
     """The GRU's memory (and BP(lambda)'s traces) are in the checkpoint: a run killed after
-    its checkpoint of step 10 and resumed equals the uninterrupted run to the last bit."""
-    overrides = TINY_COPY + [f"dni.method={method}"]
+    its checkpoint of step 10 and resumed equals the uninterrupted run to the last bit. The
+    traces keep Jacobians (the state's D = 16 features <= the horizon of 32) or, with a
+    horizon of 4, kept chunks, which the resumed run runs again."""
+    overrides = TINY_COPY + [f"dni.method={method}"] + extra
     whole = train(load_recipe("copy-smoke", overrides), out_dir=tmp_path / "whole", quiet=True)
     original = TBPTTRunner.train_chunk
 
@@ -171,6 +174,9 @@ def test_resume_after_a_kill_is_bit_exact(method, tmp_path, monkeypatch):
     assert saved["runner"]["step"] == 10
     assert saved["synthesizer"]["synthesizer._extra_state"]["memory"] is not None
     assert ("traces" in saved["runner"]) == (method == "bp-lambda")
+    if extra:
+        entries = saved["runner"]["traces"]["entries"]
+        assert entries and all("chunk" in e for e in entries)
     again = train(load_recipe("copy-smoke", overrides), out_dir=tmp_path / "cut", resume=True,
                   quiet=True)
     a, b = run_records(tmp_path / "whole"), run_records(tmp_path / "cut")
