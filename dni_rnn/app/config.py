@@ -137,7 +137,8 @@ class DNIConfig:
                                  "per chunk (0: the one-step target, dni with bootstrap = gamma; "
                                  "1: regression onto the discounted real future gradient)")
     trace_horizon: int = _f(32, "bp-lambda only: how many chunks back the traces reach (each "
-                                "holds a streams x D x D state Jacobian, D the state size)")
+                                "keeps its chunk: inputs, weights, random state; or, when the "
+                                "state has at most this many features, its state Jacobian)")
     synthesizer: str = _f("mlp", "mlp: a feed-forward synthesizer over the state "
                                  "(dni.synth_layers); gru: a GRU over the stream's boundary "
                                  "states, carried and reset like the model's state "
