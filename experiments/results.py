@@ -268,22 +268,48 @@ def section_cdni(task, budget, out):
     rows = read(name)
     if rows is None:
         return "\n".join(text + [pending(name)])
+    return "\n".join(text + versus_plain(rows, "dni", "cDNI"))
+
+
+def section_bplambda():
+    name = "copy-bplambda.csv"
+    out = "runs/compare-copy-bplambda"
+    sets = ("--set train.device=cpu --set dni.synth_layers=0 --set dni.trace_horizon=8 "
+            "--set train.diagnose_every=100")
+    text = ["### copy, BP(lambda) with a linear synthesizer", "",
+            "`dni.method=bp-lambda` (gamma 0.9, trace decay 1, traces reaching 8 chunks back, "
+            "the library's other DNI defaults) with a linear synthesizer over the state, no "
+            "context; 10,000 updates, seeds 1 and 2; plain TBPTT's runs are those of the cDNI "
+            "sweep above (docs/dni.md, \"BP(lambda) and a recurrent synthesizer\").", "",
+            f"    dni-rnn compare copy --truncations 2,3,4 --methods bp-lambda --seeds 1,2 "
+            f"--budget-updates 10000 --jobs 2 --out {out} {sets}",
+            f"    python experiments/cosine_csv.py {out}/*-T*-s* "
+            f"runs/compare-copy-cdni/bptt-T[234]-s* --out docs/results/{name}", ""]
+    rows = read(name)
+    if rows is None:
+        return "\n".join(text + [pending(name)])
+    return "\n".join(text + versus_plain(rows, "bp-lambda", "BP(lambda)"))
+
+
+def versus_plain(rows, method, label):
+    """Lines under a copy-task section: the longest length per seed over T, plain TBPTT
+    against `method` (with its cos_k1), and the count of wins."""
     best = by_method_T(rows, "best")
     cos = by_method_T(rows, "cos_k1")
     body, pairs = [], []
     for T in sorted({k[1] for k in best}):
-        plain, dni = best.get(("bptt", T), {}), best.get(("dni", T), {})
+        plain, other = best.get(("bptt", T), {}), best.get((method, T), {})
         fmt = lambda vals, f: " / ".join(f(v) for v in vals.values()) if vals else "-"
-        body.append([f"T={T}", fmt(plain, lambda v: str(int(v))), fmt(dni, lambda v: str(int(v))),
-                     fmt(cos.get(("dni", T), {}), lambda v: f"{v:.2f}" if v is not None else "-")])
-        pairs += [(dni[s], plain[s]) for s in dni if s in plain]
+        body.append([f"T={T}", fmt(plain, lambda v: str(int(v))),
+                     fmt(other, lambda v: str(int(v))),
+                     fmt(cos.get((method, T), {}), lambda v: f"{v:.2f}" if v is not None else "-")])
+        pairs += [(other[s], plain[s]) for s in other if s in plain]
     won, lost = sum(a > b for a, b in pairs), sum(a < b for a, b in pairs)
-    text += ["Longest length solved per seed (seed 1 / seed 2):", "",
-             table(["T", "plain TBPTT", "cDNI", "cDNI cos_k1"], body), "",
-             f"cDNI against plain TBPTT at the same T and seed: longer on {won}, equal on "
-             f"{len(pairs) - won - lost}, shorter on {lost} of {len(pairs)}. "
-             + recoveries([{**r, "recoveries": r["recoveries"] or 0} for r in rows]), ""]
-    return "\n".join(text)
+    return ["Longest length solved per seed (seed 1 / seed 2):", "",
+            table(["T", "plain TBPTT", label, f"{label} cos_k1"], body), "",
+            f"{label} against plain TBPTT at the same T and seed: longer on {won}, equal on "
+            f"{len(pairs) - won - lost}, shorter on {lost} of {len(pairs)}. "
+            + recoveries([{**r, "recoveries": r["recoveries"] or 0} for r in rows]), ""]
 
 
 ZAREMBA = {"valid": 120.7, "test": 114.5}  # Zaremba et al. 2014, Table 1, small, non-regularized
@@ -397,13 +423,15 @@ def render():
             "a lower test perplexity than plain TBPTT at T = 5 to 10 on every seed and an equal "
             "one at T = 35; on PTB characters a slightly lower bpc at every T on both seeds; "
             "on the 1-bit demo a longer solved length on every seed; on the 8-bit copy tasks "
-            "mostly the same length or less with the recipes' DNI, and a longer one at T = 3 "
-            "to 5 on both seeds when the synthesizer also reads the targets after each "
-            "boundary (cDNI; below; why: docs/dni.md). Plain TBPTT reproduces "
+            "mostly the same length or less with the recipes' DNI; a longer one at T = 3 "
+            "to 5 on both seeds, on copy and on repeat copy, when the synthesizer also reads "
+            "the targets after each boundary (cDNI; below; why: docs/dni.md); and with "
+            "BP(lambda) a longer one on copy at T = 4 on both seeds. Plain TBPTT reproduces "
             "Zaremba et al.'s small model. No run diverged.", ""]
     parts = [section_words(), section_chars(), section_copy(),
              section_cdni("copy", 10000, "runs/compare-copy-cdni"),
              section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni-20k"),
+             section_bplambda(),
              section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 
