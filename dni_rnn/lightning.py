@@ -494,22 +494,17 @@ class _Network(nn.Module):
         """The module's but the synthesizer's, named as reached from here ("module.<name>"):
         `parameters()` and `torch.func.functional_call` (BP(lambda)'s kept chunks) read
         them."""
-        synth = self._synth_ids("parameters")
-        for name, p in self.module.named_parameters(_joined(prefix, "module"), recurse,
-                                                    remove_duplicate):
-            if id(p) not in synth:
-                yield name, p
+        return self._without_synthesizer("parameters", prefix, recurse, remove_duplicate)
 
     def named_buffers(self, prefix="", recurse=True, remove_duplicate=True):
-        synth = self._synth_ids("buffers")
-        for name, b in self.module.named_buffers(_joined(prefix, "module"), recurse,
-                                                 remove_duplicate):
-            if id(b) not in synth:
-                yield name, b
+        return self._without_synthesizer("buffers", prefix, recurse, remove_duplicate)
 
-    def _synth_ids(self, kind):
-        return {id(t) for m in (self.module.synthesizer, self.module.aux_head)
-                if m is not None for t in getattr(m, kind)()}
+    def _without_synthesizer(self, kind, prefix, recurse, remove_duplicate):
+        synth = {id(t) for m in (self.module.synthesizer, self.module.aux_head)
+                 if m is not None for t in getattr(m, kind)()}
+        named = getattr(self.module, f"named_{kind}")(_joined(prefix, "module"), recurse,
+                                                      remove_duplicate)
+        return ((name, t) for name, t in named if id(t) not in synth)
 
 
 def _joined(prefix, name):

@@ -73,7 +73,8 @@ class TBPTTRunner:
         sg_scale, bootstrap, warmup, target_scale, sg_cap, guard, calibrate, aux_head,
         aux_weight, replay, replay_chunks, refit, refit_every, trace_decay, trace_horizon: the
             DNI settings, passed to `DNIStep` (its docstring says what each does); the
-            defaults are the stable setting of docs/dni.md. BP(lambda): `bootstrap=gamma, trace_decay=lambda`.
+            defaults are the stable setting of docs/dni.md. BP(lambda): `bootstrap=gamma,
+            trace_decay=lambda`.
     """
 
     def __init__(self, model, loss_fn, optimizer, truncation=35, synthesizer=None,

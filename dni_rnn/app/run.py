@@ -87,6 +87,12 @@ def context_steps(cfg):
     return cfg.dni.context_steps or cfg.train.truncation
 
 
+def context_window(cfg, context, start):
+    """What the synthesizer at the boundary before step `start` reads of a `context_stream`
+    (None without one)."""
+    return None if context is None else window(context, start, context_steps(cfg))
+
+
 def context_stream(cfg, task, stream):
     """The `(N, B, C)` stream a cDNI synthesizer reads (`dni.context`), or None."""
     if cfg.dni.context == "none" or cfg.dni.method == "bptt":
@@ -383,8 +389,8 @@ class Run:
         ctx = self._context(s)
         report = diagnostics.diagnose(self.runner, s.inputs[p.pos:], s.targets[p.pos:],
                                       self.state, self.cfg.train.truncation,
-                                      horizons(self.cfg), resets, context=None if ctx is None
-                                      else window(ctx, p.pos, context_steps(self.cfg)))
+                                      horizons(self.cfg), resets,
+                                      context=context_window(self.cfg, ctx, p.pos))
         if report:
             self.log.emit({"kind": "diagnose", "step": self.step, "tokens": p.tokens,
                            **report})
@@ -401,8 +407,7 @@ class Run:
                     reports.append(diagnostics.diagnose(
                         self.runner, s.inputs[a:], s.targets[a:], state, T,
                         horizons(self.cfg), s.resets[a:],
-                        context=None if ctx is None
-                        else window(ctx, a, context_steps(self.cfg))))
+                        context=context_window(self.cfg, ctx, a)))
                 with torch.no_grad():
                     _, state, _ = forward_with_resets(self.model, s.inputs[a:a + T], state,
                                                       s.resets[a:a + T], self.runner.batch_dim)

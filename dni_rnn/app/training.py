@@ -21,11 +21,11 @@ from .. import diagnostics
 from .. import distributed
 from .cores import CoreShare
 from .config import Config, ConfigError, target_scale, validate
-from .run import (Run, build_synthesizers, context_steps, context_stream, context_width,
+from .run import (Run, build_synthesizers, context_stream, context_width, context_window,
                   select_device)
 from .stopping import RankLost
 from .tasks import Stream, build_task
-from ..tbptt import NonFiniteLossError, TBPTTRunner, forward_with_resets, window
+from ..tbptt import NonFiniteLossError, TBPTTRunner, forward_with_resets
 
 
 def train(cfg, out_dir=None, resume=False, data_dir=None, quiet=False):
@@ -199,9 +199,7 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
             reports.append(diagnostics.diagnose(runner, inputs[start:], targets[start:], state,
                                                 T, horizons, tail,
                                                 train_batch=cfg.data.batch_size,
-                                                context=None if context is None
-                                                else window(context, start,
-                                                            context_steps(cfg))))
+                                                context=context_window(cfg, context, start)))
     return {"checkpoint": str(file), "step": runner.step, "split": split, "T": T,
             "horizons": list(horizons), "boundaries": len(reports),
             **diagnostics.mean_reports(reports)}
