@@ -251,40 +251,48 @@ def section_copy():
     return "\n".join(text)
 
 
-def section_cdni(task, budget, out):
-    name = f"{task}-cdni.csv"
+def section_cdni(task, budget, out, chunks=64, plain=None, truncations="2,3,4,5"):
+    """A cDNI section; `plain`: the run directories of an earlier sweep whose plain TBPTT
+    runs are reused (this sweep then runs DNI only)."""
+    suffix = "" if chunks == 64 else f"-{chunks}"
+    name = f"{task}-cdni{suffix}.csv"
     sets = ("--set train.device=cpu --set dni.context=targets --set dni.synth_layers=0 "
-            "--set dni.refit=1e-3 --set dni.replay_chunks=64 --set train.diagnose_every=100")
-    text = [f"### {task}, DNI conditioned on the targets after each boundary (cDNI)", "",
+            f"--set dni.refit=1e-3 --set dni.replay_chunks={chunks} "
+            "--set train.diagnose_every=100")
+    methods = "dni" if plain else "bptt,dni"
+    runs = f"{out}/*-T*-s*" + (f" {plain}/bptt-T*-s*" if plain else "")
+    text = [f"### {task}, DNI conditioned on the targets after each boundary (cDNI)"
+            + (f", {chunks} chunks refitted" if chunks != 64 else ""), "",
             "The same task with a linear synthesizer that also reads the targets of the T steps "
-            "after its boundary, refitted in closed form on the last 64 chunks after every "
+            f"after its boundary, refitted in closed form on the last {chunks} chunks after every "
             f"update (docs/dni.md, point 7); {budget:,} updates, seeds 1 and 2. `cos_k1`: the mean "
             "cosine of the synthetic gradient with the true future gradient over the second half "
-            "of the run.", "",
-            f"    dni-rnn compare {task} --truncations 2,3,4,5 --methods bptt,dni --seeds 1,2 "
-            f"--budget-updates {budget} --jobs 2 --out {out} {sets}",
-            f"    python experiments/cosine_csv.py {out}/*-T*-s* "
-            f"--out docs/results/{name}", ""]
+            "of the run."
+            + (f" Plain TBPTT's runs are those of `{plain}` (the same budget)." if plain else ""),
+            "",
+            f"    dni-rnn compare {task} --truncations {truncations} --methods {methods} "
+            f"--seeds 1,2 --budget-updates {budget} --jobs 2 --out {out} {sets}",
+            f"    python experiments/cosine_csv.py {runs} --out docs/results/{name}", ""]
     rows = read(name)
     if rows is None:
         return "\n".join(text + [pending(name)])
     return "\n".join(text + versus_plain(rows, "dni", "cDNI"))
 
 
-def section_bplambda():
-    name = "copy-bplambda.csv"
-    out = "runs/compare-copy-bplambda"
+def section_bplambda(task="copy", out="runs/compare-copy-bplambda",
+                     plain="runs/compare-copy-cdni"):
+    name = f"{task}-bplambda.csv"
     sets = ("--set train.device=cpu --set dni.synth_layers=0 --set dni.trace_horizon=8 "
             "--set train.diagnose_every=100")
-    text = ["### copy, BP(lambda) with a linear synthesizer", "",
+    text = [f"### {task}, BP(lambda) with a linear synthesizer", "",
             "`dni.method=bp-lambda` (gamma 0.9, trace decay 1, traces reaching 8 chunks back, "
             "the library's other DNI defaults) with a linear synthesizer over the state, no "
-            "context; 10,000 updates, seeds 1 and 2; plain TBPTT's runs are those of the cDNI "
-            "sweep above (docs/dni.md, \"BP(lambda) and a recurrent synthesizer\").", "",
-            f"    dni-rnn compare copy --truncations 2,3,4 --methods bp-lambda --seeds 1,2 "
+            "context; 10,000 updates, seeds 1 and 2; plain TBPTT's runs are those of "
+            f"`{plain}` (docs/dni.md, \"BP(lambda) and a recurrent synthesizer\").", "",
+            f"    dni-rnn compare {task} --truncations 2,3,4 --methods bp-lambda --seeds 1,2 "
             f"--budget-updates 10000 --jobs 2 --out {out} {sets}",
             f"    python experiments/cosine_csv.py {out}/*-T*-s* "
-            f"runs/compare-copy-cdni/bptt-T[234]-s* --out docs/results/{name}", ""]
+            f"{plain}/bptt-T[234]-s* --out docs/results/{name}", ""]
     rows = read(name)
     if rows is None:
         return "\n".join(text + [pending(name)])
@@ -431,7 +439,11 @@ def render():
     parts = [section_words(), section_chars(), section_copy(),
              section_cdni("copy", 10000, "runs/compare-copy-cdni"),
              section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni-20k"),
+             section_cdni("copy", 10000, "runs/compare-copy-cdni256", chunks=256,
+                          plain="runs/compare-copy-cdni"),
              section_bplambda(),
+             section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
+                              "runs/compare-repeat-copy-cdni"),
              section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 
