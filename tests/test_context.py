@@ -244,3 +244,29 @@ def test_bp_lambda_traces_refuse_a_context_in_one_line():
                              sg_scale=0.1, trace_decay=1.0, **EXACT)
     with pytest.raises(ValueError, match="traces do not support a synthesizer context"):
         list(runner.walk(x, y, state, context=ctx))
+
+
+def test_refit_data_scores_fits_of_a_frozen_cdni_run(tmp_path):
+    """experiments/refit_data.py on a smoke run: boundaries with their context, fits by size,
+    and a plain run refused."""
+    import json
+    import sys
+    from conftest import REPO
+    from dni_rnn.app.training import train
+    sys.path.insert(0, str(REPO / "experiments"))
+    import refit_data
+    over = ["task.start_length=3", "train.diagnose_every=0", "train.max_steps=4"]
+    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "r", quiet=True)
+    out = tmp_path / "fit.json"
+    refit_data.main([str(tmp_path / "r"), "--out", str(out), "--blocks", "4",
+                     "--chunks", "2,all"])
+    report = json.loads(out.read_text())
+    assert report["length"] == 3 and report["truncation"] == 3
+    assert report["boundaries"] > report["held_out"] > 0
+    assert [r["chunks"] for r in report["rows"]][0] == 2
+    assert report["rows"][-1]["chunks"] == report["boundaries"] - report["held_out"]
+    for row in report["rows"]:
+        assert -1 <= row["linear"] <= 1 and -1 <= row["mlp"] <= 1
+    train(load_recipe("copy-smoke", over), out_dir=tmp_path / "plain", quiet=True)
+    with pytest.raises(SystemExit, match="not a cDNI run"):
+        refit_data.main([str(tmp_path / "plain"), "--out", str(out)])
