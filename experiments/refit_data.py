@@ -35,6 +35,7 @@ import synth_ceiling as sc  # noqa: E402
 
 from dni_rnn.app.config import Config  # noqa: E402
 from dni_rnn.app.run import Run, context_stream  # noqa: E402
+from dni_rnn.app.tasks import Stream  # noqa: E402
 from dni_rnn.diagnostics import future_gradients  # noqa: E402
 from dni_rnn.tbptt import forward_with_resets, window  # noqa: E402
 
@@ -56,8 +57,7 @@ def collect(run, blocks):
     steps = run.cfg.dni.context_steps or T
     out = []
     for inputs, packed, resets, bounds in sc.streams(run, blocks):
-        stream = type("Stream", (), {"inputs": inputs, "targets": packed})
-        ctx = context_stream(run.cfg, run.task, stream)
+        ctx = context_stream(run.cfg, run.task, Stream(inputs, packed, resets))
         state, a = model.init_state(inputs.shape[1]), 0
         for b in bounds:
             _, state, _ = forward_with_resets(model, inputs[a:b], state, resets[a:b])
