@@ -5,8 +5,8 @@ half of training (issue 19's measure; runs trained with `--set train.diagnose_ev
     python experiments/cosine_csv.py runs/try/* --out docs/results/synth-predicts.csv
 
 Columns: the run's setting (recipe, method, T, seed, model lr, the synthesizer's own lr,
-beta, lambda, replay), its best validation metric, updates and wall time; cos_k1 / cos_k2
-(the mean over diagnosed boundaries of the second half, with their count n_k1), cos_target
+beta, lambda, replay), its best validation metric, its test metric (where the run was
+tested), updates and wall time; cos_k1 / cos_k2 (the mean over diagnosed boundaries of the second half, with their count n_k1), cos_target
 (the runner's cosine with its own regression target, same half) and the norm ratio
 |g^| / |g_1|; the guard's recoveries.
 """
@@ -20,13 +20,17 @@ from pathlib import Path
 from dni_rnn.metrics import read_records
 
 FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
-          "metric", "best", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target", "norm_ratio_k1",
+          "metric", "best", "test", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target", "norm_ratio_k1",
           "recoveries", "elapsed_s", "run"]
 
 
 def _mean(values):
     values = [v for v in values if v is not None]
     return round(statistics.mean(values), 4) if values else ""
+
+
+def _round(value):
+    return round(value, 4) if isinstance(value, float) else ""
 
 
 def row(run_dir):
@@ -45,7 +49,8 @@ def row(run_dir):
             "seed": cfg["train"]["seed"], "lr": cfg["optim"]["lr"], "synth_lr": d["synth_lr"],
             "beta": d["sg_scale"], "lambda": d["bootstrap"] if d["bootstrap"] is not None else
             d["sg_scale"], "replay": d.get("replay", 0), "metric": metric,
-            "best": round(best, 4) if isinstance(best, float) else best, "updates": updates,
+            "best": round(best, 4) if isinstance(best, float) else best,
+            "test": _round(summary.get("test_metric")), "updates": updates,
             "cos_k1": _mean([r.get("cos_k1") for r in diag]),
             "n_k1": sum("cos_k1" in r for r in diag),
             "cos_k2": _mean([r.get("cos_k2") for r in diag]),

@@ -126,7 +126,7 @@ def section_words():
 
 # ---- truncation sweeps (dni-rnn compare) ------------------------------------------------
 
-METHOD_NAMES = {"bptt": "plain TBPTT", "dni": "DNI", "dni-aux": "DNI + Aux"}
+METHOD_NAMES = {"bptt": "plain TBPTT", "dni": "DNI", "dni-aux": "DNI + Aux", "bp-lambda": "BP(lambda)"}
 
 
 def by_method_T(rows, field):
@@ -299,6 +299,37 @@ def section_bplambda(task="copy", out="runs/compare-copy-bplambda",
     return "\n".join(text + versus_plain(rows, "bp-lambda", "BP(lambda)"))
 
 
+def section_bplambda_char():
+    name = "ptb-char-bplambda.csv"
+    out = "runs/compare-ptb-char-bplambda"
+    sets = ("--set optim.plateau_factor=1 --set train.threads=1 --set dni.synth_layers=0 "
+            "--set dni.trace_horizon=8 --set train.diagnose_every=100")
+    text = ["### ptb-char at T=5, BP(lambda) with a linear synthesizer", "",
+            "The BP(lambda) setting of the copy tasks on `ptb-char`, 1M training characters, "
+            "seeds 1 and 2; plain TBPTT, DNI and DNI + Aux are the T=5 runs of the "
+            "truncation sweep above (the same recipe and budget).", "",
+            f"    dni-rnn compare ptb-char --truncations 5 --methods bp-lambda --seeds 1,2 "
+            f"--budget-tokens 1000000 --jobs 2 --out {out} {sets}",
+            f"    python experiments/cosine_csv.py {out}/*-T*-s* --out docs/results/{name}", ""]
+    rows, sweep = read(name), read("ptb-char-truncations.csv")
+    if rows is None or sweep is None:
+        return "\n".join(text + [pending(name)])
+    test = {**by_method_T(sweep, "test"), **by_method_T(rows, "test")}
+    cos = by_method_T(rows, "cos_k1")
+    fmt = lambda vals, f: " / ".join(f(v) for v in vals.values()) if vals else "-"
+    methods = [m for m in ("bptt", "dni", "dni-aux", "bp-lambda") if (m, 5) in test]
+    body = [["T=5"] + [fmt(test[(m, 5)], lambda v: f"{v:.3f}") for m in methods]
+            + [fmt(cos.get(("bp-lambda", 5), {}), lambda v: f"{v:.2f}")]]
+    plain, bpl = test.get(("bptt", 5), {}), test.get(("bp-lambda", 5), {})
+    dni = test.get(("dni", 5), {})
+    lower = lambda a, b: sum(1 for s in a if s in b and a[s] < b[s])
+    return "\n".join(text + [
+        "Test bpc per seed (seed 1 / seed 2), lower is better:", "",
+        table(["T"] + [METHOD_NAMES[m] for m in methods] + ["BP(lambda) cos_k1"], body), "",
+        f"BP(lambda) is below plain TBPTT on {lower(bpl, plain)} of {len(bpl)} seeds and below "
+        f"DNI on {lower(bpl, dni)} of {len(bpl)}. " + recoveries(rows), ""])
+
+
 def versus_plain(rows, method, label):
     """Lines under a copy-task section: the longest length per seed over T, plain TBPTT
     against `method` (with its cos_k1), and the count of wins."""
@@ -444,6 +475,7 @@ def render():
              section_bplambda(),
              section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
                               "runs/compare-repeat-copy-cdni"),
+             section_bplambda_char(),
              section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 
