@@ -6,9 +6,9 @@ half of training (issue 19's measure; runs trained with `--set train.diagnose_ev
 
 Columns: the run's setting (recipe, method, T, seed, model lr, the synthesizer's own lr,
 beta, lambda, replay), its best validation metric, its test metric (where the run was
-tested), updates and wall time; cos_k1 / cos_k2 (the mean over diagnosed boundaries of the second half, with their count n_k1), cos_target
-(the runner's cosine with its own regression target, same half) and the norm ratio
-|g^| / |g_1|; the guard's recoveries.
+tested), updates and wall time; cos_k1 / cos_k2 (the mean over diagnosed boundaries of the
+second half, with their count n_k1), cos_target (the runner's cosine with its own
+regression target, same half) and the norm ratio |g^| / |g_1|; the guard's recoveries.
 """
 import argparse
 import csv
@@ -20,8 +20,8 @@ from pathlib import Path
 from dni_rnn.metrics import read_records
 
 FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
-          "metric", "best", "test", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target", "norm_ratio_k1",
-          "recoveries", "elapsed_s", "run"]
+          "metric", "best", "test", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target",
+          "norm_ratio_k1", "recoveries", "elapsed_s", "run"]
 
 
 def _mean(values):

@@ -126,7 +126,8 @@ def section_words():
 
 # ---- truncation sweeps (dni-rnn compare) ------------------------------------------------
 
-METHOD_NAMES = {"bptt": "plain TBPTT", "dni": "DNI", "dni-aux": "DNI + Aux", "bp-lambda": "BP(lambda)"}
+METHOD_NAMES = {"bptt": "plain TBPTT", "dni": "DNI", "dni-aux": "DNI + Aux",
+                "bp-lambda": "BP(lambda)"}
 
 
 def by_method_T(rows, field):
@@ -251,7 +252,7 @@ def section_copy():
     return "\n".join(text)
 
 
-def section_cdni(task, budget, out, chunks=64, plain=None, truncations="2,3,4,5"):
+def section_cdni(task, budget, out, chunks=64, plain=None):
     """A cDNI section; `plain`: the run directories of an earlier sweep whose plain TBPTT
     runs are reused (this sweep then runs DNI only)."""
     suffix = "" if chunks == 64 else f"-{chunks}"
@@ -265,12 +266,13 @@ def section_cdni(task, budget, out, chunks=64, plain=None, truncations="2,3,4,5"
             + (f", {chunks} chunks refitted" if chunks != 64 else ""), "",
             "The same task with a linear synthesizer that also reads the targets of the T steps "
             f"after its boundary, refitted in closed form on the last {chunks} chunks after every "
-            f"update (docs/dni.md, point 7); {budget:,} updates, seeds 1 and 2. `cos_k1`: the mean "
+            f"update (docs/dni.md, {'point 7' if chunks == 64 else 'points 7 and 8'}); "
+            f"{budget:,} updates, seeds 1 and 2. `cos_k1`: the mean "
             "cosine of the synthetic gradient with the true future gradient over the second half "
             "of the run."
             + (f" Plain TBPTT's runs are those of `{plain}` (the same budget)." if plain else ""),
             "",
-            f"    dni-rnn compare {task} --truncations {truncations} --methods {methods} "
+            f"    dni-rnn compare {task} --truncations 2,3,4,5 --methods {methods} "
             f"--seeds 1,2 --budget-updates {budget} --jobs 2 --out {out} {sets}",
             f"    python experiments/cosine_csv.py {runs} --out docs/results/{name}", ""]
     rows = read(name)
@@ -469,9 +471,9 @@ def render():
             "Zaremba et al.'s small model. No run diverged.", ""]
     parts = [section_words(), section_chars(), section_copy(),
              section_cdni("copy", 10000, "runs/compare-copy-cdni"),
-             section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni-20k"),
              section_cdni("copy", 10000, "runs/compare-copy-cdni256", chunks=256,
                           plain="runs/compare-copy-cdni"),
+             section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni-20k"),
              section_bplambda(),
              section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
                               "runs/compare-repeat-copy-cdni"),
