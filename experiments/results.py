@@ -467,8 +467,8 @@ def render():
             "mostly the same length or less with the recipes' DNI; a longer one at T = 3 "
             "to 5 on both seeds, on copy and on repeat copy, when the synthesizer also reads "
             "the targets after each boundary (cDNI; below; why: docs/dni.md); and with "
-            "BP(lambda) a longer one on copy at T = 4 on both seeds. Plain TBPTT reproduces "
-            "Zaremba et al.'s small model. No run diverged.", ""]
+            "BP(lambda) a longer one at T = 4 on both seeds, on copy and on repeat copy. Plain "
+            "TBPTT reproduces Zaremba et al.'s small model. No run diverged.", ""]
     parts = [section_words(), section_chars(), section_copy(),
              section_cdni("copy", 10000, "runs/compare-copy-cdni"),
              section_cdni("copy", 10000, "runs/compare-copy-cdni256", chunks=256,
