@@ -278,6 +278,11 @@ def section_cdni(task, budget, out, chunks=64, plain=None):
     rows = read(name)
     if rows is None:
         return "\n".join(text + [pending(name)])
+    missing = sorted({int(r["T"]) for r in rows} - {int(r["T"]) for r in rows
+                                                   if r["method"] == "dni"})
+    if missing:
+        text += ["cDNI's runs at T=" + ", ".join(map(str, missing)) + " are not finished yet "
+                 "(the sweep resumes when its command is run again).", ""]
     return "\n".join(text + versus_plain(rows, "dni", "cDNI"))
 
 
@@ -474,6 +479,8 @@ def render():
              section_cdni("copy", 10000, "runs/compare-copy-cdni256", chunks=256,
                           plain="runs/compare-copy-cdni"),
              section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni-20k"),
+             section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni256-20k",
+                          chunks=256, plain="runs/compare-repeat-copy-cdni-20k"),
              section_bplambda(),
              section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
                               "runs/compare-repeat-copy-cdni"),
