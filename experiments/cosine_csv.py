@@ -30,7 +30,9 @@ def _mean(values):
 
 
 def _round(value):
-    return round(value, 4) if isinstance(value, float) else ""
+    if value is None:
+        return ""
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def row(run_dir):
@@ -49,7 +51,7 @@ def row(run_dir):
             "seed": cfg["train"]["seed"], "lr": cfg["optim"]["lr"], "synth_lr": d["synth_lr"],
             "beta": d["sg_scale"], "lambda": d["bootstrap"] if d["bootstrap"] is not None else
             d["sg_scale"], "replay": d.get("replay", 0), "metric": metric,
-            "best": round(best, 4) if isinstance(best, float) else best,
+            "best": _round(best),
             "test": _round(summary.get("test_metric")), "updates": updates,
             "cos_k1": _mean([r.get("cos_k1") for r in diag]),
             "n_k1": sum("cos_k1" in r for r in diag),

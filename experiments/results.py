@@ -138,6 +138,11 @@ def by_method_T(rows, field):
     return out
 
 
+def per_seed(values, fmt):
+    """A table cell: one seed's value after another ("2 / 3"), "-" when there is none."""
+    return " / ".join(fmt(v) for v in values.values()) if values else "-"
+
+
 def recoveries(rows):
     """One sentence on the divergence guard in a sweep's runs.csv rows."""
     fired = [r for r in rows if r["method"] != "bptt" and int(r["recoveries"] or 0)]
@@ -323,10 +328,9 @@ def section_bplambda_char():
         return "\n".join(text + [pending(name)])
     test = {**by_method_T(sweep, "test"), **by_method_T(rows, "test")}
     cos = by_method_T(rows, "cos_k1")
-    fmt = lambda vals, f: " / ".join(f(v) for v in vals.values()) if vals else "-"
     methods = [m for m in ("bptt", "dni", "dni-aux", "bp-lambda") if (m, 5) in test]
-    body = [["T=5"] + [fmt(test[(m, 5)], lambda v: f"{v:.3f}") for m in methods]
-            + [fmt(cos.get(("bp-lambda", 5), {}), lambda v: f"{v:.2f}")]]
+    body = [["T=5"] + [per_seed(test[(m, 5)], lambda v: f"{v:.3f}") for m in methods]
+            + [per_seed(cos.get(("bp-lambda", 5), {}), lambda v: f"{v:.2f}")]]
     plain, bpl = test.get(("bptt", 5), {}), test.get(("bp-lambda", 5), {})
     dni = test.get(("dni", 5), {})
     lower = lambda a, b: sum(1 for s in a if s in b and a[s] < b[s])
@@ -345,17 +349,17 @@ def versus_plain(rows, method, label):
     body, pairs = [], []
     for T in sorted({k[1] for k in best}):
         plain, other = best.get(("bptt", T), {}), best.get((method, T), {})
-        fmt = lambda vals, f: " / ".join(f(v) for v in vals.values()) if vals else "-"
-        body.append([f"T={T}", fmt(plain, lambda v: str(int(v))),
-                     fmt(other, lambda v: str(int(v))),
-                     fmt(cos.get((method, T), {}), lambda v: f"{v:.2f}" if v is not None else "-")])
+        body.append([f"T={T}", per_seed(plain, lambda v: str(int(v))),
+                     per_seed(other, lambda v: str(int(v))),
+                     per_seed(cos.get((method, T), {}),
+                              lambda v: f"{v:.2f}" if v is not None else "-")])
         pairs += [(other[s], plain[s]) for s in other if s in plain]
     won, lost = sum(a > b for a, b in pairs), sum(a < b for a, b in pairs)
     return ["Longest length solved per seed (seed 1 / seed 2):", "",
             table(["T", "plain TBPTT", label, f"{label} cos_k1"], body), "",
             f"{label} against plain TBPTT at the same T and seed: longer on {won}, equal on "
             f"{len(pairs) - won - lost}, shorter on {lost} of {len(pairs)}. "
-            + recoveries([{**r, "recoveries": r["recoveries"] or 0} for r in rows]), ""]
+            + recoveries(rows), ""]
 
 
 ZAREMBA = {"valid": 120.7, "test": 114.5}  # Zaremba et al. 2014, Table 1, small, non-regularized
