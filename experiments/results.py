@@ -239,8 +239,7 @@ def section_copy():
         for T in sorted({k[1] for k in best}):
             cells = [f"T={T}"]
             for m in methods:
-                vals = best.get((m, T), {})
-                cells.append(" / ".join(str(int(v)) for v in vals.values()) if vals else "-")
+                cells.append(per_seed(best.get((m, T), {}), lambda v: str(int(v))))
             body.append(cells)
         text += [f"Longest length solved per seed (seed 1 / seed 2); {run_time(rows)}:", "",
                  table(["T"] + [METHOD_NAMES[m] for m in methods], body), ""]
