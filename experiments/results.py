@@ -256,14 +256,19 @@ def section_copy():
     return "\n".join(text)
 
 
-def section_cdni(task, budget, out, chunks=64, plain=None):
-    """A cDNI section; `plain`: the run directories of an earlier sweep whose plain TBPTT
-    runs are reused (this sweep then runs DNI only)."""
-    suffix = "" if chunks == 64 else f"-{chunks}"
-    name = f"{task}-cdni{suffix}.csv"
-    sets = ("--set train.device=cpu --set dni.context=targets --set dni.synth_layers=0 "
+def cdni_sets(chunks):
+    return ("--set train.device=cpu --set dni.context=targets --set dni.synth_layers=0 "
             f"--set dni.refit=1e-3 --set dni.replay_chunks={chunks} "
             "--set train.diagnose_every=100")
+
+
+def section_cdni(task, budget, out, chunks=64, plain=None, name=None, plain_sweep=False):
+    """A cDNI section; `plain`: the run directories of an earlier sweep whose plain TBPTT
+    runs are reused (this sweep then runs DNI only); `plain_sweep`: that sweep has no section
+    of its own, so its command is shown here too; `name`: the CSV's name."""
+    suffix = "" if chunks == 64 else f"-{chunks}"
+    name = name or f"{task}-cdni{suffix}.csv"
+    sets = cdni_sets(chunks)
     methods = "dni" if plain else "bptt,dni"
     runs = f"{out}/*-T*-s*" + (f" {plain}/bptt-T*-s*" if plain else "")
     text = [f"### {task}, DNI conditioned on the targets after each boundary (cDNI)"
@@ -277,8 +282,11 @@ def section_cdni(task, budget, out, chunks=64, plain=None):
             + (f" Plain TBPTT's runs are those of `{plain}` (the same budget)." if plain else ""),
             "",
             f"    dni-rnn compare {task} --truncations 2,3,4,5 --methods {methods} "
-            f"--seeds 1,2 --budget-updates {budget} --jobs 2 --out {out} {sets}",
-            f"    python experiments/cosine_csv.py {runs} --out docs/results/{name}", ""]
+            f"--seeds 1,2 --budget-updates {budget} --jobs 2 --out {out} {sets}"]
+    if plain_sweep:
+        text.append(f"    dni-rnn compare {task} --truncations 2,3,4,5 --methods bptt --seeds 1,2 "
+                    f"--budget-updates {budget} --jobs 2 --out {plain} {cdni_sets(64)}")
+    text += [f"    python experiments/cosine_csv.py {runs} --out docs/results/{name}", ""]
     rows = read(name)
     if rows is None:
         return "\n".join(text + [pending(name)])
@@ -481,6 +489,9 @@ def render():
              section_cdni("copy", 10000, "runs/compare-copy-cdni"),
              section_cdni("copy", 10000, "runs/compare-copy-cdni256", chunks=256,
                           plain="runs/compare-copy-cdni"),
+             section_cdni("copy", 20000, "runs/compare-copy-cdni256-20k", chunks=256,
+                          plain="runs/compare-copy-cdni-20k", name="copy-cdni-256-20k.csv",
+                          plain_sweep=True),
              section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni-20k"),
              section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni256-20k",
                           chunks=256, plain="runs/compare-repeat-copy-cdni-20k"),
