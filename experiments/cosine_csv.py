@@ -8,7 +8,9 @@ Columns: the run's setting (recipe, method, T, seed, model lr, the synthesizer's
 beta, lambda, replay), its best validation metric, its test metric (where the run was
 tested), updates and wall time; cos_k1 / cos_k2 (the mean over diagnosed boundaries of the
 second half, with their count n_k1), cos_target (the runner's cosine with its own
-regression target, same half) and the norm ratio |g^| / |g_1|; the guard's recoveries.
+regression target, same half) and the norm ratio |g^| / |g_1|; the guard's recoveries;
+the synthesizer's shape (`linear`, `mlp 1x1024`: hidden layers x units, `gru 64`) and the
+run's tokens/s.
 """
 import argparse
 import csv
@@ -21,7 +23,18 @@ from dni_rnn.metrics import read_records
 
 FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
           "metric", "best", "test", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target",
-          "norm_ratio_k1", "recoveries", "elapsed_s", "run"]
+          "norm_ratio_k1", "recoveries", "elapsed_s", "run", "synth", "tokens_per_s"]
+
+
+def synth_name(cfg):
+    """The synthesizer's shape: "linear", "mlp 1x1024" (hidden layers x units) or "gru 64"."""
+    d, m = cfg["dni"], cfg["model"]
+    state = m["hidden_dim"] * m["num_layers"] * (2 if m.get("cell", "lstm") == "lstm" else 1)
+    if d.get("synthesizer", "mlp") == "gru":
+        return f"gru {d['synth_hidden'] or state}"
+    if d["synth_layers"] == 0:
+        return "linear"
+    return f"mlp {d['synth_layers']}x{d['synth_hidden'] or state}"
 
 
 def _mean(values):
@@ -60,7 +73,9 @@ def row(run_dir):
             "norm_ratio_k1": _mean([r["synthetic_norm"] / r["true_norm_k1"] for r in diag
                                     if r.get("true_norm_k1")]),
             "recoveries": sum(r.get("kind") == "recovery" for r in recs),
-            "elapsed_s": round(summary.get("elapsed_s", 0.0), 1), "run": run_dir.name}
+            "elapsed_s": round(summary.get("elapsed_s", 0.0), 1), "run": run_dir.name,
+            "synth": synth_name(cfg) if d["method"] != "bptt" else "",
+            "tokens_per_s": round(summary.get("tokens_per_s", 0.0))}
 
 
 def main(argv=None):

@@ -270,3 +270,35 @@ def test_refit_data_scores_fits_of_a_frozen_cdni_run(tmp_path):
     train(load_recipe("copy-smoke", over), out_dir=tmp_path / "plain", quiet=True)
     with pytest.raises(SystemExit, match="not a cDNI run"):
         refit_data.main([str(tmp_path / "plain"), "--out", str(out)])
+
+
+def test_cosine_csv_reads_the_second_half_and_names_the_synthesizer(tmp_path):
+    """experiments/cosine_csv.py: one row per finished run, the diagnosed cosine averaged over
+    the second half only, the synthesizer's shape, and unfinished runs left out."""
+    import csv
+    import statistics
+    import sys
+    from conftest import REPO
+    from dni_rnn.app.training import train
+    from dni_rnn.metrics import read_records
+    sys.path.insert(0, str(REPO / "experiments"))
+    import cosine_csv
+    run = tmp_path / "cdni"
+    train(load_recipe("copy-cdni-smoke", ["task.start_length=3", "train.diagnose_every=2"]),
+          out_dir=run, quiet=True)
+    (tmp_path / "unfinished").mkdir()
+    out = tmp_path / "rows.csv"
+    cosine_csv.main([str(run), str(tmp_path / "unfinished"), "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["method"], row["synth"], row["T"]) == ("dni", "linear", "3")
+    diag = [r for r in read_records(run) if r.get("kind") == "diagnose" and "cos_k1" in r]
+    late = [r["cos_k1"] for r in diag if r["step"] > 12 / 2]
+    assert late and len(late) < len(diag) and int(row["n_k1"]) == len(late)
+    assert float(row["cos_k1"]) == pytest.approx(statistics.mean(late), abs=1e-4)
+    assert int(row["tokens_per_s"]) > 0
+    assert cosine_csv.synth_name({"dni": {"synthesizer": "mlp", "synth_layers": 1,
+                                          "synth_hidden": 0},
+                                  "model": {"cell": "lstm", "hidden_dim": 512,
+                                            "num_layers": 1}}) == "mlp 1x1024"
