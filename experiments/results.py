@@ -348,6 +348,51 @@ def section_bplambda_char():
         f"DNI on {lower(bpl, dni)} of {len(bpl)}. " + recoveries(rows), ""])
 
 
+def synth_parameters(synth, dim):
+    """Parameters of a synthesizer named as cosine_csv names it, over a state of `dim`."""
+    if synth == "linear":
+        return dim * dim + dim
+    layers, hidden = (int(v) for v in synth.split()[1].split("x"))
+    return dim * hidden + hidden + (layers - 1) * (hidden * hidden + hidden) + hidden * dim + dim
+
+
+def section_char_synth():
+    name = "ptb-char-synth.csv"
+    sets = "--set optim.plateau_factor=1 --set train.threads=1 --set train.diagnose_every=100"
+    command = ("dni-rnn compare ptb-char --truncations 5 --methods dni --seeds 1,2 "
+               "--budget-tokens 1000000 --jobs 2")
+    outs = {"shipped": "", "128": " --set dni.synth_hidden=128",
+            "linear": " --set dni.synth_layers=0"}
+    text = ["### ptb-char at T=5: DNI's synthesizer by size, with the cosine", "",
+            "DNI with the recipe's synthesizer (one hidden layer as wide as the 1,024-wide "
+            "state), one of 128 units, and a linear one; 1M training characters, seeds 1 and 2, "
+            "diagnosed every 100 updates. Plain TBPTT is the T=5 runs of the truncation sweep "
+            "above (the same recipe and budget). `cos_k1`: the mean cosine of the synthetic "
+            "gradient with the true future gradient over the second half of the run.", ""]
+    text += [f"    {command} --out runs/compare-ptb-char-synth-{k} {sets}{v}"
+             for k, v in outs.items()]
+    text += ["    python experiments/cosine_csv.py runs/compare-ptb-char-synth-*/dni-T5-s? "
+             f"--out docs/results/{name}", ""]
+    rows, sweep = read(name), read("ptb-char-truncations.csv")
+    if rows is None or sweep is None:
+        return "\n".join(text + [pending(name)])
+    plain = [r for r in sweep if r["method"] == "bptt" and r["T"] == "5"]
+    speed = lambda rs: f"{statistics.mean(float(r['tokens_per_s']) for r in rs):,.0f}"
+    seeds = lambda rs, f, fmt: per_seed({int(r["seed"]): float(r[f]) for r in rs}, fmt)
+    body = [["plain TBPTT", "-", seeds(plain, "test", lambda v: f"{v:.3f}"), "-", speed(plain)]]
+    order = {"linear": 0}
+    for synth in sorted({r["synth"] for r in rows}, key=lambda k: (order.get(k, 1), len(k), k)):
+        rs = [r for r in rows if r["synth"] == synth]
+        body.append([synth, f"{synth_parameters(synth, 1024) / 1e6:.2f}M",
+                     seeds(rs, "test", lambda v: f"{v:.3f}"),
+                     seeds(rs, "cos_k1", lambda v: f"{v:.3f}"), speed(rs)])
+    return "\n".join(text + [
+        "Test bpc and `cos_k1` per seed (seed 1 / seed 2); tokens/s is the mean of the two runs "
+        f"(the model has 1.21M parameters; {CPU}):", "",
+        table(["synthesizer", "parameters", "test bpc", "cos_k1", "tokens/s"], body), "",
+        recoveries(rows), ""])
+
+
 def versus_plain(rows, method, label):
     """Lines under a copy-task section: the longest length per seed over T, plain TBPTT
     against `method` (with its cos_k1), and the count of wins."""
@@ -498,7 +543,7 @@ def render():
              section_bplambda(),
              section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
                               "runs/compare-repeat-copy-cdni"),
-             section_bplambda_char(),
+             section_bplambda_char(), section_char_synth(),
              section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 
