@@ -528,7 +528,7 @@ def render():
             "mostly the same length or less with the recipes' DNI; a longer one on both seeds "
             "when the synthesizer also reads the targets after each boundary (cDNI; below; "
             "why: docs/dni.md): at T = 3 to 5 on repeat copy and at every T on copy with "
-            "20,000 updates, two to five times plain TBPTT's length at T = 3 to 5, with the "
+            "20,000 updates (there two to five times plain TBPTT's length at T = 3 to 5), with the "
             "synthetic gradient's cosine with the true future gradient at 0.27 to 0.43; and with "
             "BP(lambda) a longer one at T = 4 on both seeds, on copy and on repeat copy. Plain "
             "TBPTT reproduces Zaremba et al.'s small model. No run diverged.", ""]
