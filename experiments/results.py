@@ -387,8 +387,9 @@ def section_char_synth():
                      seeds(rs, "test", lambda v: f"{v:.3f}"),
                      seeds(rs, "cos_k1", lambda v: f"{v:.3f}"), speed(rs)])
     return "\n".join(text + [
-        "Test bpc and `cos_k1` per seed (seed 1 / seed 2); tokens/s is the mean of the two runs "
-        f"(the model has 1.21M parameters; {CPU}):", "",
+        "Test bpc and `cos_k1` per seed (seed 1 / seed 2); tokens/s is the mean of the two runs, "
+        "the diagnosis included (plain TBPTT's runs had none; compare speeds in "
+        f"docs/benchmarks.md instead). The model has 1.21M parameters; {CPU}:", "",
         table(["synthesizer", "parameters", "test bpc", "cos_k1", "tokens/s"], body), "",
         recoveries(rows), ""])
 
