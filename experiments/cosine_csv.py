@@ -9,8 +9,8 @@ beta, lambda, replay), its best validation metric, its test metric (where the ru
 tested), updates and wall time; cos_k1 / cos_k2 (the mean over diagnosed boundaries of the
 second half, with their count n_k1), cos_target (the runner's cosine with its own
 regression target, same half) and the norm ratio |g^| / |g_1|; the guard's recoveries;
-the synthesizer's shape (`linear`, `mlp 1x1024`: hidden layers x units, `gru 64`) and the
-run's tokens/s.
+the synthesizer's shape (`linear`, `mlp 1x1024`: hidden layers x units, `gru 64`), its
+parameters (counted in the run's checkpoint; 0 for plain TBPTT) and the run's tokens/s.
 """
 import argparse
 import csv
@@ -19,11 +19,12 @@ import statistics
 import sys
 from pathlib import Path
 
+from dni_rnn.app import checkpoint
 from dni_rnn.metrics import read_records
 
 FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
           "metric", "best", "test", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target",
-          "norm_ratio_k1", "recoveries", "elapsed_s", "run", "synth", "tokens_per_s"]
+          "norm_ratio_k1", "recoveries", "elapsed_s", "run", "synth", "synth_params", "tokens_per_s"]
 
 
 def synth_name(cfg):
@@ -35,6 +36,12 @@ def synth_name(cfg):
     if d["synth_layers"] == 0:
         return "linear"
     return f"mlp {d['synth_layers']}x{d['synth_hidden'] or state}"
+
+
+def synth_parameters(run_dir):
+    """The synthesizer's parameters, counted in the run's last checkpoint."""
+    saved = checkpoint.load(checkpoint.find(run_dir, prefer=("last.pt", "best.pt")))
+    return sum(t.numel() for t in (saved.get("synthesizer") or {}).values())
 
 
 def _mean(values):
@@ -75,6 +82,7 @@ def row(run_dir):
             "recoveries": sum(r.get("kind") == "recovery" for r in recs),
             "elapsed_s": round(summary.get("elapsed_s", 0.0), 1), "run": run_dir.name,
             "synth": synth_name(cfg) if d["method"] != "bptt" else "",
+            "synth_params": synth_parameters(run_dir),
             "tokens_per_s": round(summary.get("tokens_per_s", 0.0))}
 
 

@@ -348,14 +348,6 @@ def section_bplambda_char():
         f"DNI on {lower(bpl, dni)} of {len(bpl)}. " + recoveries(rows), ""])
 
 
-def synth_parameters(synth, dim):
-    """Parameters of a synthesizer named as cosine_csv names it, over a state of `dim`."""
-    if synth == "linear":
-        return dim * dim + dim
-    layers, hidden = (int(v) for v in synth.split()[1].split("x"))
-    return dim * hidden + hidden + (layers - 1) * (hidden * hidden + hidden) + hidden * dim + dim
-
-
 def section_char_synth():
     name = "ptb-char-synth.csv"
     sets = "--set optim.plateau_factor=1 --set train.threads=1 --set train.diagnose_every=100"
@@ -380,10 +372,10 @@ def section_char_synth():
     speed = lambda rs: f"{statistics.mean(float(r['tokens_per_s']) for r in rs):,.0f}"
     seeds = lambda rs, f, fmt: per_seed({int(r["seed"]): float(r[f]) for r in rs}, fmt)
     body = [["plain TBPTT", "-", seeds(plain, "test", lambda v: f"{v:.3f}"), "-", speed(plain)]]
-    order = {"linear": 0}
-    for synth in sorted({r["synth"] for r in rows}, key=lambda k: (order.get(k, 1), len(k), k)):
+    sizes = {r["synth"]: int(r["synth_params"]) for r in rows}
+    for synth in sorted(sizes, key=sizes.get):
         rs = [r for r in rows if r["synth"] == synth]
-        body.append([synth, f"{synth_parameters(synth, 1024) / 1e6:.2f}M",
+        body.append([synth, f"{sizes[synth] / 1e6:.2f}M",
                      seeds(rs, "test", lambda v: f"{v:.3f}"),
                      seeds(rs, "cos_k1", lambda v: f"{v:.3f}"), speed(rs)])
     return "\n".join(text + [

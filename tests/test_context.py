@@ -283,9 +283,8 @@ def test_cosine_csv_reads_the_second_half_and_names_the_synthesizer(tmp_path):
     from dni_rnn.metrics import read_records
     sys.path.insert(0, str(REPO / "experiments"))
     import cosine_csv
-    run = tmp_path / "cdni"
-    train(load_recipe("copy-cdni-smoke", ["task.start_length=3", "train.diagnose_every=2"]),
-          out_dir=run, quiet=True)
+    run, over = tmp_path / "cdni", ["task.start_length=3", "train.diagnose_every=2"]
+    train(load_recipe("copy-cdni-smoke", over), out_dir=run, quiet=True)
     (tmp_path / "unfinished").mkdir()
     out = tmp_path / "rows.csv"
     cosine_csv.main([str(run), str(tmp_path / "unfinished"), "--out", str(out)])
@@ -298,6 +297,9 @@ def test_cosine_csv_reads_the_second_half_and_names_the_synthesizer(tmp_path):
     assert late and len(late) < len(diag) and int(row["n_k1"]) == len(late)
     assert float(row["cos_k1"]) == pytest.approx(statistics.mean(late), abs=1e-4)
     assert int(row["tokens_per_s"]) > 0
+    from dni_rnn.app.run import Run
+    synth = Run(load_recipe("copy-cdni-smoke", over), run, resume=True, quiet=True).setup().synth
+    assert int(row["synth_params"]) == sum(p.numel() for p in synth.parameters()) > 0
     assert cosine_csv.synth_name({"dni": {"synthesizer": "mlp", "synth_layers": 1,
                                           "synth_hidden": 0},
                                   "model": {"cell": "lstm", "hidden_dim": 512,
