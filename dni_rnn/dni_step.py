@@ -68,6 +68,7 @@ class DNIStep:
         refit: the ridge penalty of a closed-form refit of the synthesizer's last layer on
             the replay buffer after every update (0: off; `replay.SynthReplay`).
         refit_every: refit after one update in this many (1: every update).
+        refit_decay: the refit's weight of a buffered chunk per chunk of age (1: equal).
         trace_decay: BP(lambda)'s lambda: the synthesizer also learns from later chunks' TD
             errors through eligibility traces that decay by bootstrap * trace_decay per chunk,
             `bootstrap` being BP(lambda)'s discount gamma (0: off; `traces.SynthTraces`).
@@ -77,7 +78,7 @@ class DNIStep:
     def __init__(self, synthesizer, sg_scale=0.1, bootstrap=None, warmup=0, target_scale="rms",
                  sg_cap=1.0, guard=True, calibrate=False, aux_head=None, aux_weight=0.0,
                  batch_dim=None, replay=0, replay_chunks=32, refit=0.0, trace_decay=0.0,
-                 trace_horizon=32, refit_every=1):
+                 trace_horizon=32, refit_every=1, refit_decay=1.0):
         self.check_settings(sg_scale, bootstrap, target_scale, sg_cap)
         self.recurrent = getattr(synthesizer, "recurrent", False)
         if self.recurrent and (replay or refit):
@@ -100,7 +101,7 @@ class DNIStep:
         self.recoveries = 0
         self._recovered = False
         self.replay = SynthReplay(replay, replay_chunks, batch_dim, ridge=refit,
-                                  refit_every=refit_every)
+                                  refit_every=refit_every, decay=refit_decay)
         self.traces = SynthTraces(trace_decay, trace_horizon, batch_dim)
         self.params = list(synthesizer.parameters())
         if self.aux_on:

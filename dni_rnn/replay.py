@@ -31,6 +31,11 @@ so float64 rounding cannot build up, and they travel in checkpoints, so a resume
 bit-identical. An MLP's features move with its weights and are recomputed every time. A
 linear synthesizer with a context reads [trigger; context]: the solve is over both, split
 back into its two input layers.
+
+With `decay` below 1 the refit weighs each chunk by decay^age (age 0: the newest), so the
+fit follows the moving target more closely than a window of equal weights; the rows count
+by their weights in the standardisation and the penalty. The running sums age by one factor
+of `decay` per chunk added. At `decay` 1 every weight is 1 and nothing is multiplied.
 """
 import torch
 
@@ -49,14 +54,16 @@ class SynthReplay:
             this ridge penalty (0: no refit; with `steps` 0 too, nothing is kept).
         refit_every: refit after one update in this many (the first after the buffer
             starts, then every `refit_every`-th); the buffer still takes every chunk.
+        decay: the refit's weight of a chunk per chunk of age, in (0, 1] (1: equal weights).
     """
 
-    def __init__(self, steps, chunks=32, batch_dim=None, ridge=0.0, refit_every=1):
-        if steps < 0 or chunks < 1 or ridge < 0 or refit_every < 1:
-            raise ValueError(f"replay needs steps >= 0, chunks >= 1, ridge >= 0 and refit_every "
-                             f">= 1, got {steps}, {chunks}, {ridge}, {refit_every}")
+    def __init__(self, steps, chunks=32, batch_dim=None, ridge=0.0, refit_every=1, decay=1.0):
+        if steps < 0 or chunks < 1 or ridge < 0 or refit_every < 1 or not 0 < decay <= 1:
+            raise ValueError(f"replay needs steps >= 0, chunks >= 1, ridge >= 0, refit_every "
+                             f">= 1 and 0 < decay <= 1, got {steps}, {chunks}, {ridge}, "
+                             f"{refit_every}, {decay}")
         self.steps, self.chunks, self.batch_dim = int(steps), int(chunks), batch_dim
-        self.ridge, self.refit_every = float(ridge), int(refit_every)
+        self.ridge, self.refit_every, self.decay = float(ridge), int(refit_every), float(decay)
         self.clear()
 
     def clear(self):
@@ -64,12 +71,19 @@ class SynthReplay:
         self.structure, self.width, self.filled, self.slot = None, 0, 0, 0
         self.contexts = None  # (chunks * B, ...): each trigger's context, when it had one
         self.updates = 0  # since the buffer started: when the next refit is due
+        self.added, self.added_at = 0, [0] * self.chunks  # chunks kept; when each slot's was
         self._reset_sums()
 
     def _reset_sums(self):
         # a linear synthesizer's refit: sums over the chunks in `counted`, the rows replaced
-        # since the last refit (still in the sums), refits since the sums were last exact
+        # since the last refit (still in the sums, with when they were added), refits since
+        # the sums were last exact, and `added` when the sums' weights were last brought up
         self.sums, self.counted, self.leaving, self.since_exact = None, set(), [], 0
+        self.sums_at = 0
+
+    def _weight(self, added_at):
+        """The refit's weight of the chunk added as number `added_at`, now."""
+        return self.decay ** (self.added - 1 - added_at)
 
     def __bool__(self):
         return self.steps > 0 or self.ridge > 0
@@ -103,7 +117,7 @@ class SynthReplay:
                 self.contexts = self.contexts.to(tensors[0].device)
             self._reset_sums()
         if self.slot in self.counted:  # its rows leave the sums at the next refit
-            self.leaving.append(self._rows(self.slot, clone=True))
+            self.leaving.append((*self._rows(self.slot, clone=True), self.added_at[self.slot]))
             self.counted.discard(self.slot)
         a, b = self.slot * width, (self.slot + 1) * width
         for bufs, source in ((self.states, tensors), (self.grads, grads)):
@@ -111,6 +125,8 @@ class SynthReplay:
                 buf.narrow(d, a, b - a).copy_(t.detach())
         if context is not None:
             self.contexts[a:b].copy_(context.detach())
+        self.added_at[self.slot] = self.added
+        self.added += 1
         self.slot = (self.slot + 1) % self.chunks
         self.filled = min(self.filled + 1, self.chunks)
 
@@ -153,16 +169,21 @@ class SynthReplay:
         if n < 2:
             return
         linear = _is_linear(synthesizer)
+        if self.decay < 1:  # the rows count by their weights
+            n = self.width * sum(self._weight(self.added_at[j]) for j in range(self.filled))
         if linear:
             layer = synthesizer.synthesizer.last_layer
             sx, sxx, sxg, sg = self._running_sums(synthesizer)
         else:
+            rows = self.filled * self.width
             keep = lambda bufs: nest.unflatten(self.structure, [
-                b.narrow(d, 0, n) for b, d in zip(bufs, self._dims)])
-            context = self.contexts[:n] if self.contexts is not None else None
+                b.narrow(d, 0, rows) for b, d in zip(bufs, self._dims)])
+            context = self.contexts[:rows] if self.contexts is not None else None
             features, layer = synthesizer.features(keep(self.states), context)
             X, G = features.double(), synthesizer.flatten(keep(self.grads)).double()
-            sx, sxx, sxg, sg = X.sum(0), X.T @ X, X.T @ G, G.sum(0)
+            wX = X if self.decay == 1 else X * self._row_weights(X)
+            sx, sxx, sxg, sg = wX.sum(0), X.T @ wX, wX.T @ G, (G if self.decay == 1 else
+                                                              G * self._row_weights(G)).sum(0)
         # standardised ridge from the sums: Z = (X - mu) / sd, targets Y = scale * G
         mu, g_mean = sx / n, sg / n
         centred = sxx - n * torch.outer(mu, mu)
@@ -189,34 +210,48 @@ class SynthReplay:
                    else take(self.contexts[j * self.width:(j + 1) * self.width]))
         return rows(self.states), rows(self.grads), context
 
-    def _moments(self, synthesizer, rows):
+    def _row_weights(self, rows):
+        """Each buffered row's refit weight, as a column beside `rows` (slot-major rows)."""
+        w = torch.tensor([self._weight(self.added_at[j]) for j in range(self.filled)],
+                         dtype=rows.dtype, device=rows.device)
+        return w.repeat_interleave(self.width)[:, None]
+
+    def _moments(self, synthesizer, rows, weight=1.0):
         states, grads, context = rows
         X = synthesizer.flatten(nest.unflatten(self.structure, states)).double()
         G = synthesizer.flatten(nest.unflatten(self.structure, grads)).double()
         inner = synthesizer.synthesizer
         if inner.input_context is not None:
             X = torch.cat([X, inner.context_features(context, X.dtype)], 1)
-        return [X.sum(0), X.T @ X, X.T @ G, G.sum(0)]
+        wX = X if weight == 1 else weight * X
+        return [wX.sum(0), X.T @ wX, wX.T @ G, G.sum(0) if weight == 1 else weight * G.sum(0)]
 
     def _running_sums(self, synthesizer):
-        """The sums of x, x x^T, x g^T and g over every filled chunk, brought up to date."""
+        """The (decay-weighted) sums of x, x x^T, x g^T and g over every filled chunk, brought
+        up to date."""
         if self.sums is None or self.since_exact >= self.chunks:
             self.sums, self.counted, self.leaving, self.since_exact = None, set(), [], 0
             for j in range(self.filled):
-                m = self._moments(synthesizer, self._rows(j))
+                m = self._moments(synthesizer, self._rows(j), self._weight(self.added_at[j]))
                 self.sums = m if self.sums is None else [s + x for s, x in zip(self.sums, m)]
                 self.counted.add(j)
         else:
-            for rows in self.leaving:
-                for s, x in zip(self.sums, self._moments(synthesizer, rows)):
+            if self.decay < 1:  # every chunk in the sums has aged since they were brought up
+                for s in self.sums:
+                    s.mul_(self.decay ** (self.added - self.sums_at))
+            for *rows, added_at in self.leaving:
+                for s, x in zip(self.sums, self._moments(synthesizer, rows,
+                                                          self._weight(added_at))):
                     s.sub_(x)
             self.leaving = []
             for j in range(self.filled):
                 if j not in self.counted:
-                    for s, x in zip(self.sums, self._moments(synthesizer, self._rows(j))):
+                    for s, x in zip(self.sums, self._moments(synthesizer, self._rows(j),
+                                                              self._weight(self.added_at[j]))):
                         s.add_(x)
                     self.counted.add(j)
             self.since_exact += 1
+        self.sums_at = self.added
         return self.sums
 
     def state_dict(self):
@@ -226,7 +261,8 @@ class SynthReplay:
                 "width": self.width, "filled": self.filled, "slot": self.slot,
                 "shapes": self._shapes, "dims": self._dims, "contexts": self.contexts,
                 "sums": self.sums, "counted": sorted(self.counted), "leaving": self.leaving,
-                "since_exact": self.since_exact, "updates": self.updates}
+                "since_exact": self.since_exact, "updates": self.updates,
+                "added": self.added, "added_at": list(self.added_at), "sums_at": self.sums_at}
 
     def load_state_dict(self, state):
         self.clear()
@@ -238,13 +274,22 @@ class SynthReplay:
         self.filled, self.slot = int(state["filled"]), int(state["slot"])
         self._shapes, self._dims = [tuple(s) for s in state["shapes"]], list(state["dims"])
         self.updates = int(state.get("updates", 0))
+        if "added" in state:
+            self.added, self.added_at = int(state["added"]), list(state["added_at"])
+        else:  # saved before the decay: the slots' order from the ring (the newest before slot)
+            self.added = self.filled
+            self.added_at = [self.filled - 1 - (self.slot - 1 - j) % self.chunks
+                             for j in range(self.chunks)]
         self.contexts = state.get("contexts")
         if self.contexts is not None:
             self.contexts = self.contexts.clone()
         if state.get("sums") is not None:  # checkpoints before the running sums recompute them
             self.sums, self.counted = own(state["sums"]), set(state["counted"])
-            self.leaving = [(own(s), own(g), c) for s, g, c in state["leaving"]]
+            self.leaving = [(own(s), own(g), c, *rest) if rest else
+                            (own(s), own(g), c, self.added_at[0])  # saved before the decay
+                            for s, g, c, *rest in state["leaving"]]
             self.since_exact = int(state["since_exact"])
+            self.sums_at = int(state.get("sums_at", self.added))
 
 
 def _is_linear(synthesizer):

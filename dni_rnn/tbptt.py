@@ -71,10 +71,10 @@ class TBPTTRunner:
             are averaged and trigger statistics summed over the ranks; None: one process.
         dni: a `DNIStep` (instead of `synthesizer` and the keywords below).
         sg_scale, bootstrap, warmup, target_scale, sg_cap, guard, calibrate, aux_head,
-        aux_weight, replay, replay_chunks, refit, refit_every, trace_decay, trace_horizon: the
-            DNI settings, passed to `DNIStep` (its docstring says what each does); the
-            defaults are the stable setting of docs/dni.md. BP(lambda): `bootstrap=gamma,
-            trace_decay=lambda`.
+        aux_weight, replay, replay_chunks, refit, refit_every, refit_decay, trace_decay,
+        trace_horizon: the DNI settings, passed to `DNIStep` (its docstring says what each
+            does); the defaults are the stable setting of docs/dni.md. BP(lambda):
+            `bootstrap=gamma, trace_decay=lambda`.
     """
 
     def __init__(self, model, loss_fn, optimizer, truncation=35, synthesizer=None,
@@ -82,7 +82,7 @@ class TBPTTRunner:
                  target_scale="rms", sg_cap=1.0, guard=True, calibrate=False, aux_head=None,
                  aux_weight=0.0, synth_optimizer=None, batch_dim=None, on_nonfinite="raise",
                  sync=None, replay=0, replay_chunks=32, refit=0.0, trace_decay=0.0,
-                 trace_horizon=32, dni=None, refit_every=1):
+                 trace_horizon=32, dni=None, refit_every=1, refit_decay=1.0):
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if dni is not None and synthesizer is not None:
@@ -95,7 +95,7 @@ class TBPTTRunner:
                           calibrate=calibrate, aux_head=aux_head, aux_weight=aux_weight,
                           batch_dim=batch_dim, replay=replay, replay_chunks=replay_chunks,
                           refit=refit, trace_decay=trace_decay, trace_horizon=trace_horizon,
-                          refit_every=refit_every)
+                          refit_every=refit_every, refit_decay=refit_decay)
         elif dni is None:
             DNIStep.check_settings(sg_scale, bootstrap, target_scale, sg_cap)
         if dni is not None and sync is not None:  # a rank's trigger gradients are W x one

@@ -128,14 +128,15 @@ def test_replay_under_torchrun_is_refused_with_one_line(tmp_path):
         Run(cfg, tmp_path / "r", world=World(rank=0, size=2)).setup()
 
 
-@pytest.mark.parametrize("n_hidden", [0, 1])
-def test_refit_solves_the_ridge_regression_on_the_buffer(n_hidden):
+@pytest.mark.parametrize("n_hidden,decay", [(0, 1.0), (1, 1.0), (0, 0.6), (1, 0.6)])
+def test_refit_solves_the_ridge_regression_on_the_buffer(n_hidden, decay):
     """The refitted last layer (W, b) minimises, over the buffer's rows,
-    ||features W^T + b - scale g||^2 + ridge * rows * ||W * sd||^2 (sd: each feature's
-    standard deviation): its gradient there is zero, and the rest of the synthesizer is
-    untouched."""
+    sum_i w_i ||features_i W^T + b - scale g_i||^2 + ridge * n * ||W * sd||^2, with w_i =
+    decay^age of row i's chunk (age 0: the newest), n = sum_i w_i and sd each feature's
+    w-weighted standard deviation (divisor n - 1): its gradient there is zero, and the rest
+    of the synthesizer is untouched."""
     ridge, scale = 0.05, 2.0
-    buffer = dni.replay.SynthReplay(steps=0, chunks=3, ridge=ridge)
+    buffer = dni.replay.SynthReplay(steps=0, chunks=3, ridge=ridge, decay=decay)
     assert buffer  # on with ridge alone: triggers are kept
     g = torch.Generator().manual_seed(1)
     draw = lambda: tuple(torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
@@ -151,8 +152,13 @@ def test_refit_solves_the_ridge_regression_on_the_buffer(n_hidden):
     Y = scale * synth.flatten(keep(buffer.grads))
     W = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
-    sd = features.std(0)
-    objective = (features @ W.T + b - Y).pow(2).sum() + ridge * rows * (W * sd).pow(2).sum()
+    # 5 chunks into a ring of 3: slots 0, 1, 2 hold chunks 3, 4, 2 (chunk 4 the newest)
+    age = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    w = (decay ** age).repeat_interleave(buffer.width)[:, None]
+    n = w.sum()
+    mean = (w * features).sum(0) / n
+    sd = ((w * (features - mean) ** 2).sum(0) / (n - 1)).sqrt()
+    objective = ((features @ W.T + b - Y).pow(2) * w).sum() + ridge * n * (W * sd).pow(2).sum()
     gW, gb = torch.autograd.grad(objective, (W, b))
     assert gW.abs().max() < 1e-9 * Y.abs().max() * rows and gb.abs().max() < 1e-9 * rows
     changed = {k for k, v in synth.state_dict().items() if not torch.equal(v, before[k])}
@@ -160,12 +166,13 @@ def test_refit_solves_the_ridge_regression_on_the_buffer(n_hidden):
     assert changed == {f"{last}.weight", f"{last}.bias"}
 
 
-@pytest.mark.parametrize("with_context", [False, True])
-def test_a_linear_refit_keeps_running_sums_equal_to_the_sums_over_the_buffer(with_context):
+@pytest.mark.parametrize("with_context,decay", [(False, 1.0), (True, 1.0), (True, 0.8)])
+def test_a_linear_refit_keeps_running_sums_equal_to_the_sums_over_the_buffer(with_context,
+                                                                             decay):
     """The running sums of a linear refit, after chunks replaced with and without a refit
-    between them, equal the sums over what the buffer holds (to float64 rounding); every
-    `chunks` refits they are recomputed from the buffer; a buffer saved and loaded mid-cycle
-    goes on with bit-identical sums."""
+    between them, equal the sums over what the buffer holds, each chunk weighted by
+    decay^age (to float64 rounding); every `chunks` refits they are recomputed from the
+    buffer; a buffer saved and loaded mid-cycle goes on with bit-identical sums."""
     chunks, ridge, scale = 3, 0.05, 2.0
     g = torch.Generator().manual_seed(2)
     draw = lambda: tuple(torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
@@ -174,7 +181,8 @@ def test_a_linear_refit_keeps_running_sums_equal_to_the_sums_over_the_buffer(wit
         else None
     synth = dni.StateSynthesizer.mlp(12, n_hidden=0, context_dim=5 if with_context else None)
     synth = synth.double()
-    buffer = dni.replay.SynthReplay(steps=0, chunks=chunks, ridge=ridge)
+    buffer = dni.replay.SynthReplay(steps=0, chunks=chunks, ridge=ridge, decay=decay)
+    added = []  # the order chunks were added in, by slot
 
     def from_scratch():
         rows = buffer.filled * buffer.width
@@ -182,10 +190,14 @@ def test_a_linear_refit_keeps_running_sums_equal_to_the_sums_over_the_buffer(wit
         G = synth.flatten(tuple(b[:, :rows] for b in buffer.grads))
         if with_context:
             X = torch.cat([X, buffer.contexts[:rows]], 1)
-        return [X.sum(0), X.T @ X, X.T @ G, G.sum(0)]
+        age = [len(added) - 1 - max(k for k, slot in enumerate(added) if slot == j)
+               for j in range(buffer.filled)]
+        w = torch.tensor([decay ** a for a in age], dtype=X.dtype).repeat_interleave(4)[:, None]
+        return [(w * X).sum(0), X.T @ (w * X), (w * X).T @ G, (w * G).sum(0)]
 
     exact_at = []
     for update in range(11):
+        added.append(update % chunks)
         buffer.add(draw(), draw(), context())
         if update % 3 == 1:  # two chunks replaced before this refit
             continue
@@ -195,7 +207,7 @@ def test_a_linear_refit_keeps_running_sums_equal_to_the_sums_over_the_buffer(wit
             torch.testing.assert_close(kept, expected, rtol=1e-13, atol=1e-13)
     assert exact_at.count(True) >= 2  # recomputed at the start and again after `chunks`
     saved = buffer.state_dict()
-    twin = dni.replay.SynthReplay(steps=0, chunks=chunks, ridge=ridge)
+    twin = dni.replay.SynthReplay(steps=0, chunks=chunks, ridge=ridge, decay=decay)
     twin.load_state_dict(saved)
     synth_twin = copy.deepcopy(synth)
     for b, s in ((buffer, synth), (twin, synth_twin)):
@@ -263,6 +275,38 @@ def test_refit_every_k_updates_refits_on_the_first_and_every_kth_and_resumes_bit
         assert torch.equal(a, b)
 
 
+def test_a_buffer_saved_before_the_decay_existed_loads_and_goes_on_alike():
+    """A checkpoint without the chunks' add order (before `decay`) loads with the order the
+    ring implies and refits exactly as the buffer it was saved from."""
+    g = torch.Generator().manual_seed(3)
+    draw = lambda: tuple(torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+                         for _ in range(2))
+    synth = dni.StateSynthesizer.mlp(12, n_hidden=0).double()
+    buffer = dni.replay.SynthReplay(steps=0, chunks=3, ridge=1e-3)
+    for k in range(5):
+        buffer.add(draw(), draw())
+        if k != 3:
+            buffer.refit(synth, 1.0)
+    buffer.add(draw(), draw())  # one chunk waits to enter the sums, one to leave them
+    old = {k: v for k, v in buffer.state_dict().items() if k not in ("added", "added_at",
+                                                                     "sums_at")}
+    old["leaving"] = [entry[:3] for entry in old["leaving"]]
+    twin = dni.replay.SynthReplay(steps=0, chunks=3, ridge=1e-3)
+    twin.load_state_dict(old)
+    ages = lambda b: [b.added - 1 - a for a in b.added_at]
+    assert ages(twin) == ages(buffer)  # the count itself restarts; only ages matter
+    synth_twin = copy.deepcopy(synth)
+    buffer.refit(synth, 1.0)
+    twin.refit(synth_twin, 1.0)
+    for a, b in zip(synth.parameters(), synth_twin.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_config_refuses_a_negative_refit():
     with pytest.raises(ConfigError, match="dni.refit"):
         load_recipe("copy-smoke", ["dni.refit=-1"])
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="dni.refit_decay"):
+            load_recipe("copy-smoke", [f"dni.refit_decay={bad}"])
+    with pytest.raises(ValueError, match="decay"):
+        dni.replay.SynthReplay(steps=0, ridge=1e-3, decay=0)

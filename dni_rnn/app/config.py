@@ -167,6 +167,8 @@ class DNIConfig:
                            "regression on the replay buffer, with this penalty (0: off; "
                            "docs/dni.md)")
     refit_every: int = _f(1, "refit after one update in this many (dni.refit > 0)")
+    refit_decay: float = _f(1.0, "the refit's weight of a kept chunk per chunk of age, in (0, 1] "
+                                 "(1: the last dni.replay_chunks chunks weigh the same)")
     aux_weight: float = _f(0.1, "weight of the auxiliary loss (dni-aux only)")
     context: str = _f("none", "cDNI: the synthesizer at a boundary also sees the data of the "
                               "train.truncation steps after it: targets, inputs or both (the "
@@ -431,6 +433,8 @@ def validate(cfg):
          f"got {cfg.dni.context_steps}")
     need(cfg.dni.refit_every >= 1, f"dni.refit_every must be >= 1, got {cfg.dni.refit_every}")
     need(cfg.dni.refit >= 0, f"dni.refit must be >= 0 (0: off), got {cfg.dni.refit}")
+    need(0 < cfg.dni.refit_decay <= 1,
+         f"dni.refit_decay must lie in (0, 1] (1: equal weights), got {cfg.dni.refit_decay}")
     need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
     _validate_bp_lambda(cfg.dni, need)
     target_scale(cfg)

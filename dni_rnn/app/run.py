@@ -235,7 +235,8 @@ class Run:
             aux_weight=cfg.dni.aux_weight if cfg.dni.method == "dni-aux" else 0.0,
             synth_optimizer=self.synth_optimizer, on_nonfinite=t.on_nonfinite,
             sync=w.gradient_sync(), replay=cfg.dni.replay, replay_chunks=cfg.dni.replay_chunks,
-            refit=cfg.dni.refit, refit_every=cfg.dni.refit_every, trace_decay=trace_decay,
+            refit=cfg.dni.refit, refit_every=cfg.dni.refit_every,
+            refit_decay=cfg.dni.refit_decay, trace_decay=trace_decay,
             trace_horizon=cfg.dni.trace_horizon)
         if self.resume:
             ckpt.restore_run(self, self.run_dir / "last.pt")
