@@ -10,7 +10,8 @@ tested), updates and wall time; cos_k1 / cos_k2 (the mean over diagnosed boundar
 second half, with their count n_k1), cos_target (the runner's cosine with its own
 regression target, same half) and the norm ratio |g^| / |g_1|; the guard's recoveries;
 the synthesizer's shape (`linear`, `mlp 1x1024`: hidden layers x units, `gru 64`), its
-parameters (counted in the run's checkpoint; 0 for plain TBPTT) and the run's tokens/s.
+parameters (counted in the run's checkpoint; 0 for plain TBPTT) and the run's tokens/s;
+the closed-form refit (`256 chunks`, `512 chunks, decay 0.997`; empty when off).
 """
 import argparse
 import csv
@@ -24,7 +25,8 @@ from dni_rnn.metrics import read_records
 
 FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
           "metric", "best", "test", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target",
-          "norm_ratio_k1", "recoveries", "elapsed_s", "run", "synth", "synth_params", "tokens_per_s"]
+          "norm_ratio_k1", "recoveries", "elapsed_s", "run", "synth", "synth_params", "tokens_per_s",
+          "refit"]
 
 
 def synth_name(cfg):
@@ -83,7 +85,15 @@ def row(run_dir):
             "elapsed_s": round(summary.get("elapsed_s", 0.0), 1), "run": run_dir.name,
             "synth": synth_name(cfg) if d["method"] != "bptt" else "",
             "synth_params": synth_parameters(run_dir),
-            "tokens_per_s": round(summary.get("tokens_per_s", 0.0))}
+            "tokens_per_s": round(summary.get("tokens_per_s", 0.0)), "refit": refit_name(d)}
+
+
+def refit_name(d):
+    """The refit's buffer and decay ("256 chunks", "512 chunks, decay 0.997"; "" when off)."""
+    if not d.get("refit") or d["method"] == "bptt":
+        return ""
+    decay = d.get("refit_decay", 1.0)
+    return f"{d['replay_chunks']} chunks" + (f", decay {decay:g}" if decay != 1 else "")
 
 
 def main(argv=None):

@@ -11,7 +11,8 @@ on the held-out ones (the in-training diagnosis's `cos_k1`):
   linear  the refit's own solve: standardised ridge on [state; context], `--ridge`;
   mlp     one hidden layer of 256 ReLU units on the same standardised input, Adam 1e-3,
           60 epochs of shuffled minibatches of 256 (offline: an upper bound on what a
-          trained nonlinear synthesizer gets from the same data).
+          trained nonlinear synthesizer gets from the same data; `--no-mlp` skips it);
+  linear@r  with `--ridges r1,r2,...`: the linear solve again at each penalty r.
 
 The model is frozen, so the fits see a target that does not move; in training the refit
 also chases a moving model. A chunk here is one boundary of the batch's B streams, as one
@@ -95,6 +96,9 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=300, help="episode blocks to collect")
     ap.add_argument("--chunks", default="64,256,all", help="training sizes, in chunks")
     ap.add_argument("--ridge", type=float, default=1e-3)
+    ap.add_argument("--ridges", default="", help="more penalties for the linear fit, "
+                                                 "comma-separated (columns linear@r)")
+    ap.add_argument("--no-mlp", action="store_true", help="skip the offline MLP fits")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -112,10 +116,14 @@ def main(argv=None):
     for size in args.chunks.split(","):
         n = len(pool) if size == "all" else min(int(size), len(pool))
         train = pool[:n]
-        row = {"chunks": n, "linear": cos(sc.fit_linear(train, 1, args.ridge)),
-               "mlp": cos(fit_mlp(train))}
+        row = {"chunks": n, "linear": cos(sc.fit_linear(train, 1, args.ridge))}
+        if not args.no_mlp:
+            row["mlp"] = cos(fit_mlp(train))
+        for r in filter(None, args.ridges.split(",")):
+            row[f"linear@{float(r):g}"] = cos(sc.fit_linear(train, 1, float(r)))
         rows.append(row)
-        print(f"{n:>5} chunks: linear {row['linear']:.3f}  mlp {row['mlp']:.3f}", file=sys.stderr)
+        print(f"{n:>5} chunks: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                              if k != "chunks"), file=sys.stderr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "run": str(args.run_dir), "length": run.task.length, "truncation": run.cfg.train.truncation,

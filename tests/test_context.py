@@ -267,6 +267,11 @@ def test_refit_data_scores_fits_of_a_frozen_cdni_run(tmp_path):
     assert report["rows"][-1]["chunks"] == report["boundaries"] - report["held_out"]
     for row in report["rows"]:
         assert -1 <= row["linear"] <= 1 and -1 <= row["mlp"] <= 1
+    refit_data.main([str(tmp_path / "r"), "--out", str(out), "--blocks", "4", "--chunks",
+                     "all", "--no-mlp", "--ridges", "0.001,0.1"])
+    row, = json.loads(out.read_text())["rows"]
+    assert set(row) == {"chunks", "linear", "linear@0.001", "linear@0.1"}
+    assert row["linear@0.001"] == row["linear"] != row["linear@0.1"]  # the default is 1e-3
     train(load_recipe("copy-smoke", over), out_dir=tmp_path / "plain", quiet=True)
     with pytest.raises(SystemExit, match="not a cDNI run"):
         refit_data.main([str(tmp_path / "plain"), "--out", str(out)])
@@ -297,6 +302,9 @@ def test_cosine_csv_reads_the_second_half_and_names_the_synthesizer(tmp_path):
     assert late and len(late) < len(diag) and int(row["n_k1"]) == len(late)
     assert float(row["cos_k1"]) == pytest.approx(statistics.mean(late), abs=1e-4)
     assert int(row["tokens_per_s"]) > 0
+    assert row["refit"] == f"{load_recipe('copy-cdni-smoke', over).dni.replay_chunks} chunks"
+    assert cosine_csv.refit_name({"method": "dni", "refit": 1e-3, "replay_chunks": 512,
+                                  "refit_decay": 0.997}) == "512 chunks, decay 0.997"
     from dni_rnn.app.run import Run
     synth = Run(load_recipe("copy-cdni-smoke", over), run, resume=True, quiet=True).setup().synth
     assert int(row["synth_params"]) == sum(p.numel() for p in synth.parameters()) > 0
