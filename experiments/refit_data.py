@@ -12,7 +12,10 @@ on the held-out ones (the in-training diagnosis's `cos_k1`):
   mlp     one hidden layer of 256 ReLU units on the same standardised input, Adam 1e-3,
           60 epochs of shuffled minibatches of 256 (offline: an upper bound on what a
           trained nonlinear synthesizer gets from the same data; `--no-mlp` skips it);
-  linear@r  with `--ridges r1,r2,...`: the linear solve again at each penalty r.
+  linear@r  with `--ridges r1,r2,...`: the linear solve again at each penalty r;
+  rf@w      with `--random-features w1,w2,...`: the linear solve (`--ridge`) on the
+          standardised input and w fixed random ReLU features of it (a hidden layer that
+          is not trained, so a refit could keep running sums over it).
 
 The model is frozen, so the fits see a target that does not move; in training the refit
 also chases a moving model. A chunk here is one boundary of the batch's B streams, as one
@@ -72,6 +75,18 @@ def collect(run, blocks):
     return out
 
 
+def fit_random_features(train, width, ridge, seed=0):
+    """The linear ridge on [z; relu(z R + b)], z the standardised input, R and b random."""
+    st = sc.Standard(train, 1)
+    g = torch.Generator().manual_seed(seed)
+    d = train[0]["X"].shape[1]
+    R, b = torch.randn(d, width, generator=g) / d ** 0.5, 0.5 * torch.randn(width, generator=g)
+    lift = lambda rec: {"X": torch.cat([st.x(rec["X"]), torch.relu(st.x(rec["X"]) @ R + b)], 1),
+                        1: rec[1]}
+    fit = sc.fit_linear([lift(r) for r in train], 1, ridge)
+    return lambda rec: fit(lift(rec))
+
+
 def fit_mlp(train, width=256, epochs=60, lr=1e-3, seed=0):
     torch.manual_seed(seed)
     st = sc.Standard(train, 1)
@@ -99,6 +114,8 @@ def main(argv=None):
     ap.add_argument("--ridges", default="", help="more penalties for the linear fit, "
                                                  "comma-separated (columns linear@r)")
     ap.add_argument("--no-mlp", action="store_true", help="skip the offline MLP fits")
+    ap.add_argument("--random-features", default="", help="widths of fixed random ReLU "
+                                                          "features, comma-separated (rf@w)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -121,6 +138,8 @@ def main(argv=None):
             row["mlp"] = cos(fit_mlp(train))
         for r in filter(None, args.ridges.split(",")):
             row[f"linear@{float(r):g}"] = cos(sc.fit_linear(train, 1, float(r)))
+        for w in filter(None, args.random_features.split(",")):
+            row[f"rf@{int(w)}"] = cos(fit_random_features(train, int(w), args.ridge))
         rows.append(row)
         print(f"{n:>5} chunks: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()
                                               if k != "chunks"), file=sys.stderr)

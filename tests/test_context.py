@@ -268,9 +268,10 @@ def test_refit_data_scores_fits_of_a_frozen_cdni_run(tmp_path):
     for row in report["rows"]:
         assert -1 <= row["linear"] <= 1 and -1 <= row["mlp"] <= 1
     refit_data.main([str(tmp_path / "r"), "--out", str(out), "--blocks", "4", "--chunks",
-                     "all", "--no-mlp", "--ridges", "0.001,0.1"])
+                     "all", "--no-mlp", "--ridges", "0.001,0.1", "--random-features", "16"])
     row, = json.loads(out.read_text())["rows"]
-    assert set(row) == {"chunks", "linear", "linear@0.001", "linear@0.1"}
+    assert set(row) == {"chunks", "linear", "linear@0.001", "linear@0.1", "rf@16"}
+    assert -1 <= row["rf@16"] <= 1 and row["rf@16"] != row["linear"]
     assert row["linear@0.001"] == row["linear"] != row["linear@0.1"]  # the default is 1e-3
     train(load_recipe("copy-smoke", over), out_dir=tmp_path / "plain", quiet=True)
     with pytest.raises(SystemExit, match="not a cDNI run"):
