@@ -393,21 +393,29 @@ def section_word_synth():
     text += ["    python experiments/cosine_csv.py runs/word-synth-*/dni-T5-s? "
              f"--out docs/results/{name}", ""]
     rows = read(name)
-    plain = {seed: r["plain"][1] for (T, seed), r in
-             word_runs(["dni-stability-cpu.csv"], "raw-cap-b0125").items() if T == 5}
-    if rows is None or not plain:
+    shipped = {seed: r for (T, seed), r in
+               word_runs(["dni-stability-cpu.csv"], "raw-cap-b0125").items() if T == 5}
+    if rows is None or not shipped:
         return "\n".join(text + [pending(name)])
-    return "\n".join(text + synth_size_table(rows, plain, None, "test perplexity", "{:.2f}",
-                                              "4.65M"))
+    plain = {seed: r["plain"][1] for seed, r in shipped.items()}
+    published = {seed: r["dni"][1] for seed, r in shipped.items()}
+    return "\n".join(text + synth_size_table(
+        rows, plain, None, "test perplexity", "{:.2f}", "4.65M",
+        ("the recipe's, as published above (earlier code, no diagnosis)", published)))
 
 
-def synth_size_table(rows, plain, plain_speed, metric, fmt, model_params):
-    """Lines of a synthesizer-size table: plain TBPTT's test metric per seed, then each
-    synthesizer by its parameter count: test metric, cos_k1 and mean tokens/s."""
+def synth_size_table(rows, plain, plain_speed, metric, fmt, model_params, earlier=None):
+    """Lines of a synthesizer-size table: plain TBPTT's test metric on seeds 1 and 2 (and an
+    `earlier` (label, {seed: metric}) row), then each synthesizer by its parameter count:
+    test metric, cos_k1 and mean tokens/s."""
     speed = lambda rs: f"{statistics.mean(float(r['tokens_per_s']) for r in rs):,.0f}"
-    seeds = lambda rs, f, form: per_seed({int(r["seed"]): float(r[f]) for r in rs}, form)
-    body = [["plain TBPTT", "-", per_seed(plain, fmt.format), "-",
+    by_seed = lambda values, form: " / ".join(form(values[s]) if s in values else "-"
+                                              for s in (1, 2))
+    seeds = lambda rs, f, form: by_seed({int(r["seed"]): float(r[f]) for r in rs}, form)
+    body = [["plain TBPTT", "-", by_seed(plain, fmt.format), "-",
              f"{plain_speed:,.0f}" if plain_speed else "-"]]
+    if earlier:
+        body.append([earlier[0], "-", by_seed(earlier[1], fmt.format), "-", "-"])
     sizes = {r["synth"]: int(r["synth_params"]) for r in rows}
     for synth in sorted(sizes, key=sizes.get):
         rs = [r for r in rows if r["synth"] == synth]
