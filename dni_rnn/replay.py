@@ -283,10 +283,11 @@ class SynthReplay:
         self.contexts = state.get("contexts")
         if self.contexts is not None:
             self.contexts = self.contexts.clone()
-        if state.get("sums") is not None:  # checkpoints before the running sums recompute them
+        # checkpoints before the running sums recompute them, and so do checkpoints before
+        # the decay when it is on (their sums carry no ages)
+        if state.get("sums") is not None and ("added" in state or self.decay == 1):
             self.sums, self.counted = own(state["sums"]), set(state["counted"])
-            self.leaving = [(own(s), own(g), c, *rest) if rest else
-                            (own(s), own(g), c, self.added_at[0])  # saved before the decay
+            self.leaving = [(own(s), own(g), c, *(rest or [0]))  # ages only matter with decay
                             for s, g, c, *rest in state["leaving"]]
             self.since_exact = int(state["since_exact"])
             self.sums_at = int(state.get("sums_at", self.added))
