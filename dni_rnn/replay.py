@@ -181,9 +181,9 @@ class SynthReplay:
             context = self.contexts[:rows] if self.contexts is not None else None
             features, layer = synthesizer.features(keep(self.states), context)
             X, G = features.double(), synthesizer.flatten(keep(self.grads)).double()
-            wX = X if self.decay == 1 else X * self._row_weights(X)
-            sx, sxx, sxg, sg = wX.sum(0), X.T @ wX, wX.T @ G, (G if self.decay == 1 else
-                                                              G * self._row_weights(G)).sum(0)
+            w = self._row_weights(X)  # all 1 (exactly) when the decay is off
+            wX = X * w
+            sx, sxx, sxg, sg = wX.sum(0), X.T @ wX, wX.T @ G, (G * w).sum(0)
         # standardised ridge from the sums: Z = (X - mu) / sd, targets Y = scale * G
         mu, g_mean = sx / n, sg / n
         centred = sxx - n * torch.outer(mu, mu)
@@ -223,8 +223,8 @@ class SynthReplay:
         inner = synthesizer.synthesizer
         if inner.input_context is not None:
             X = torch.cat([X, inner.context_features(context, X.dtype)], 1)
-        wX = X if weight == 1 else weight * X
-        return [wX.sum(0), X.T @ wX, wX.T @ G, G.sum(0) if weight == 1 else weight * G.sum(0)]
+        wX = weight * X  # a weight of 1 changes no bit
+        return [wX.sum(0), X.T @ wX, wX.T @ G, weight * G.sum(0)]
 
     def _running_sums(self, synthesizer):
         """The (decay-weighted) sums of x, x x^T, x g^T and g over every filled chunk, brought

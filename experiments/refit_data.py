@@ -81,8 +81,11 @@ def fit_random_features(train, width, ridge, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = train[0]["X"].shape[1]
     R, b = torch.randn(d, width, generator=g) / d ** 0.5, 0.5 * torch.randn(width, generator=g)
-    lift = lambda rec: {"X": torch.cat([st.x(rec["X"]), torch.relu(st.x(rec["X"]) @ R + b)], 1),
-                        1: rec[1]}
+
+    def lift(rec):
+        z = st.x(rec["X"])
+        return {"X": torch.cat([z, torch.relu(z @ R + b)], 1), 1: rec[1]}
+
     fit = sc.fit_linear([lift(r) for r in train], 1, ridge)
     return lambda rec: fit(lift(rec))
 

@@ -368,10 +368,9 @@ def section_char_synth():
     rows, sweep = read(name), read("ptb-char-truncations.csv")
     if rows is None or sweep is None:
         return "\n".join(text + [pending(name)])
-    plain = {int(r["seed"]): float(r["test"]) for r in sweep
-             if r["method"] == "bptt" and r["T"] == "5"}
-    speed = statistics.mean(float(r["tokens_per_s"]) for r in sweep
-                            if r["method"] == "bptt" and r["T"] == "5")
+    bptt = [r for r in sweep if r["method"] == "bptt" and r["T"] == "5"]
+    plain = {int(r["seed"]): float(r["test"]) for r in bptt}
+    speed = statistics.mean(float(r["tokens_per_s"]) for r in bptt)
     return "\n".join(text + synth_size_table(rows, plain, speed, "test bpc", "{:.3f}",
                                               "1.21M"))
 
