@@ -116,7 +116,7 @@ class RecordingOptimizer(torch.optim.Optimizer):
 
 # every recipe's smoke variant (tests that run each of them)
 SMOKE = ["ptb-word-small-smoke", "ptb-word-medium-smoke", "ptb-char-smoke", "copy-smoke",
-         "repeat-copy-smoke", "repeat-copy-cdni-smoke"]
+         "repeat-copy-smoke", "repeat-copy-cdni-smoke", "repeat-copy-bplambda-smoke"]
 
 
 def checkpoint_difference(a, b, where="", skip=("progress.elapsed",)):

@@ -77,3 +77,49 @@ def test_copy_streams_of_several_episodes_at_random_offsets_resume_the_same_bloc
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     with pytest.raises(ConfigError, match="task.episodes"):
         validate(load_recipe("copy-smoke", ["task.episodes=0"]))
+
+
+def test_the_alternate_repeat_schedule_lets_r_and_n_take_turns():
+    from dni_rnn.tasks import CopyTask
+    task = CopyTask(load_recipe("repeat-copy-smoke", ["task.repeat_schedule=alternate",
+                                                      "task.max_repeats=2"]))
+    shapes = [task.shape(s) for s in range(1, 8)]
+    assert shapes == [(1, 1), (2, 1), (2, 2), (3, 2), (3, 2), (4, 2), (4, 2)]  # R capped at 2
+    batch = task.episodes(3, 4, None)           # stage 4: N=3, R=2 -> 3 * 3 + 3 steps
+    assert batch.inputs.shape[0] == 12 and int(batch.mask[:, 0].sum()) == 3 * 2 + 1
+    assert CopyTask(load_recipe("repeat-copy-smoke")).shape(4) == (4, 4)  # min: R = min(N, 5)
+    with pytest.raises(ConfigError, match="repeat_schedule=alternate"):
+        validate(load_recipe("copy-smoke", ["task.repeat_schedule=alternate"]))
+
+
+def test_the_loss_measure_solves_a_stage_by_the_cross_entropy_per_answer_bit():
+    import math
+    import torch
+    from dni_rnn.tasks import CopyTask
+
+    class Constant(torch.nn.Module):
+        """Logit c on every channel: the cross-entropy per bit is known in closed form."""
+        def __init__(self, c, d_out):
+            super().__init__()
+            self.c, self.d_out = c, d_out
+
+        def init_state(self, batch):
+            return None
+
+        def forward(self, x, state):
+            return torch.full((*x.shape[:2], self.d_out), self.c), state
+
+    cfg = load_recipe("repeat-copy-smoke", ["task.repeat_schedule=alternate",
+                                            "task.solve_measure=loss", "task.threshold=1.01"])
+    task = CopyTask(cfg)
+    result = task.evaluate(Constant(0.0, cfg.task.bits + 1), "valid", "cpu")
+    assert result["bits"] == pytest.approx(1.0)      # logit 0: one bit per answer bit
+    assert result["length"] == 1 and task.length == 2 and task.shape(task.length) == (2, 1)
+    # logit -3 on every channel: -log2 sigmoid(-3) where a target is 1, -log2 sigmoid(3) else
+    result = task.evaluate(Constant(-3.0, cfg.task.bits + 1), "valid", "cpu")
+    ones = 0.5 * cfg.task.bits * 2 + 1                # ~half the pattern bits, one end marker
+    expected = (ones * -math.log2(torch.sigmoid(torch.tensor(-3.0)).item())
+                + (3 * (cfg.task.bits + 1) - ones) * -math.log2(torch.sigmoid(torch.tensor(3.0)).item())
+                ) / (3 * (cfg.task.bits + 1))
+    assert result["bits"] == pytest.approx(expected, rel=0.05)
+    assert "stage 2 (N=2, R=1)" in task.result_text(result)

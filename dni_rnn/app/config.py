@@ -50,6 +50,8 @@ TOKENIZERS = ("auto", "word", "char", "sentencepiece")
 METHODS = ("bptt", "dni", "dni-aux", "bp-lambda")
 SYNTHESIZERS = ("mlp", "gru")
 CONTEXTS = ("none", "targets", "inputs", "both")
+REPEAT_SCHEDULES = ("min", "alternate")
+SOLVE_MEASURES = ("errors", "loss")
 
 
 @dataclass
@@ -100,6 +102,15 @@ class TaskConfig:
     threshold: float = _f(0.15, "curriculum: a length is solved when the validation error "
                                 "is below this many bits per sequence")
     max_repeats: int = _f(5, "repeat-copy: the largest number of repeats")
+    repeat_schedule: str = _f("min", "repeat-copy: how N and R grow. min: R = min(N, "
+                                     "max_repeats), the curriculum counts N; alternate: stage "
+                                     "s = 1, 2, 3, ... is (N, R) = (1, 1), (2, 1), (2, 2), "
+                                     "(3, 2), ..., R capped at max_repeats, the curriculum and "
+                                     "task.max_length count stages (BP(lambda)'s copy-repeat)",
+                              REPEAT_SCHEDULES)
+    solve_measure: str = _f("errors", "curriculum: what task.threshold bounds. errors: wrong "
+                                      "bits per sequence; loss: the cross-entropy per answer "
+                                      "bit, in bits", SOLVE_MEASURES)
     eval_sequences: int = _f(256, "fixed validation sequences per curriculum check")
     episodes: int = _f(1, "training: episodes one after another in each stream of a block "
                           "(the state is reset at each episode's start)")
@@ -457,6 +468,9 @@ def validate(cfg):
     need(cfg.task.start_length >= 1 and cfg.task.length_step >= 1,
          "task.start_length and task.length_step must be >= 1")
     need(cfg.task.episodes >= 1, f"task.episodes must be >= 1, got {cfg.task.episodes}")
+    need(cfg.task.repeat_schedule == "min" or cfg.data.corpus == "repeat-copy",
+         "task.repeat_schedule=alternate grows the repeats of data.corpus=repeat-copy; "
+         f"data.corpus is {cfg.data.corpus!r}")
     device = cfg.train.device
     need(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}")

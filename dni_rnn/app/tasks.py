@@ -243,11 +243,28 @@ class CopyTask:
         """The curriculum reached its last length and solved it: nothing left to learn."""
         return self.solved >= self.cfg.task.max_length
 
+    @property
+    def _staged(self):
+        return self.repeat and self.cfg.task.repeat_schedule == "alternate"
+
+    def _where(self, length):
+        """`N=3` or, when the curriculum counts stages, `stage 5 (N=3, R=3)`."""
+        if not self._staged:
+            return f"N={length}"
+        n, r = self.shape(length)
+        return f"stage {length} (N={n}, R={r})"
+
+    def _measure_words(self):
+        return ("bits of cross-entropy per answer bit" if self.cfg.task.solve_measure == "loss"
+                else "wrong bits per sequence")
+
     def describe(self):
+        t = self.cfg.task
         kind = "repeat copy" if self.repeat else "copy"
-        return (f"{kind}: {self.cfg.task.bits}-bit patterns, curriculum from N="
-                f"{self.cfg.task.start_length} to {self.cfg.task.max_length}, solved below "
-                f"{self.cfg.task.threshold} wrong bits per sequence")
+        counted = "stage" if self._staged else "N"
+        return (f"{kind}: {t.bits}-bit patterns, curriculum from {counted}={t.start_length} to "
+                f"{t.max_length}" + (" (R and N take turns)" if self._staged else "")
+                + f", solved below {t.threshold} {self._measure_words()}")
 
     def _dims(self):
         k = self.cfg.task.bits
@@ -270,17 +287,27 @@ class CopyTask:
     def steps_per_stream(self):
         return None
 
-    def episodes(self, batch_size, length, generator, n_episodes=1, device=None):
-        """`batch_size` streams of `n_episodes` episodes at length N = `length`
-        (`corpora.TaskBatch`)."""
+    def shape(self, length):
+        """(N, R) of the curriculum's value `length` (R None for copy). `task.repeat_schedule`
+        min: N = length, R = min(N, max_repeats); alternate: `length` is a stage s = 1, 2,
+        3, ... and (N, R) = (1, 1), (2, 1), (2, 2), (3, 2), ...: R and N take turns."""
         t = self.cfg.task
+        if not self.repeat:
+            return length, None
+        if t.repeat_schedule == "alternate":
+            return length // 2 + 1, min((length + 1) // 2, t.max_repeats)
+        return length, min(length, t.max_repeats)
+
+    def episodes(self, batch_size, length, generator, n_episodes=1, device=None):
+        """`batch_size` streams of `n_episodes` episodes at the curriculum's value `length`
+        (`shape`; `corpora.TaskBatch`)."""
+        t = self.cfg.task
+        n, repeats = self.shape(length)
         if self.repeat:
-            # the repeat count grows with the curriculum too: R = min(N, max_repeats)
-            repeats = min(length, t.max_repeats)
-            return corpora.repeat_copy_task(batch_size, length, repeats, n_episodes, bits=t.bits,
+            return corpora.repeat_copy_task(batch_size, n, repeats, n_episodes, bits=t.bits,
                                             max_repeats=t.max_repeats, generator=generator,
                                             device=device)
-        return corpora.copy_task(batch_size, length, n_episodes, bits=t.bits, generator=generator,
+        return corpora.copy_task(batch_size, n, n_episodes, bits=t.bits, generator=generator,
                                  device=device)
 
     def train_stream(self, device):
@@ -347,18 +374,26 @@ class CopyTask:
     def metric_of_score(score):
         return score
 
-    @staticmethod
-    def result_text(result, best=None):
-        return (f"N={result['at_length']:<4d} error {result['error']:7.3f} bits/seq"
+    def _measure_text(self, result=None):
+        if self.cfg.task.solve_measure == "loss":
+            return f"loss {result['bits'] if result else self.last_error:.3f} bits/bit"
+        return f"error {result['error'] if result else self.last_error:7.3f} bits/seq"
+
+    def result_text(self, result, best=None):
+        return (f"{self._where(result['at_length']):<4s} {self._measure_text(result)}"
                 f" | longest solved {result['length']}")
 
     def postfix(self, rec):
-        return {"N": self.length, "solved": self.solved}
+        return {("stage" if self._staged else "N"): self.length, "solved": self.solved}
 
     def summary(self, best):
-        return {"best_length": best, "final_length": self.length,
-                "final_error": self.last_error,
-                "detail": f"curriculum at N={self.length}, error {self.last_error:.3f} bits/seq"}
+        out = {"best_length": best, "final_length": self.length,
+               "final_error": self.last_error,
+               "detail": f"curriculum at {self._where(self.length)}, {self._measure_text()}"}
+        if self._staged:
+            (n, r), (fn, fr) = self.shape(best or 0), self.shape(self.length)
+            out.update(best_N=n if best else 0, best_R=r if best else 0, final_N=fn, final_R=fr)
+        return out
 
     @torch.no_grad()
     def evaluate(self, model, split, device):
@@ -383,17 +418,24 @@ class CopyTask:
             errors = float(corpora.bit_errors(outputs, targets, mask))
             packed = torch.cat([targets, mask.unsqueeze(-1).float()], -1)
             loss_sum = float(self.loss_fn(outputs, packed)) * steps * count
+            answer_bits = float(mask.sum()) * targets.shape[-1]
+        else:
+            answer_bits = 0.0
         if w.distributed:
-            errors, loss_sum, count = w.sum([errors, loss_sum, count])
+            errors, loss_sum, count, answer_bits = w.sum([errors, loss_sum, count, answer_bits])
         error = errors / count
         loss = loss_sum / (steps * count)
+        # the cross-entropy per answer bit, in bits (`task.solve_measure=loss`)
+        bits = loss_sum / max(answer_bits, 1.0) / LN2
+        measure = bits if self.cfg.task.solve_measure == "loss" else error
         at = self.length
         if split == "valid":
-            self.last_error = error
-            if error < self.cfg.task.threshold:
+            self.last_error = measure
+            if measure < self.cfg.task.threshold:
                 self.solved = max(self.solved, at)
-            self.curriculum.update(error)
-        return {"loss": loss, "error": error, "at_length": at, "length": self.solved}
+            self.curriculum.update(measure)
+        return {"loss": loss, "error": error, "bits": bits, "at_length": at,
+                "length": self.solved}
 
     def state_dict(self):
         return {"curriculum": self.curriculum.state_dict(), "generator": self.generator.get_state(),
