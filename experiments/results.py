@@ -348,6 +348,61 @@ def section_bplambda_char():
         f"DNI on {lower(bpl, dni)} of {len(bpl)}. " + recoveries(rows), ""])
 
 
+THEIR_ARMS = [  # (label, method, T, trace decay, lambda): the rows of repeat-copy-their.csv
+    ("plain TBPTT, T=1", "bptt", 1, "", None),
+    ("DNI, beta 1, bootstrap 1, T=1", "dni", 1, "", None),
+    ("BP(0) = DNI with bootstrap gamma 0.9, T=1", "bp-lambda", 1, "0.0", None),
+    ("BP(1), T=1 (their method)", "bp-lambda", 1, "1.0", None),
+    ("full BPTT, one update per episode, the same steps", "bptt", 400, "", None),
+]
+
+
+def stage_shape(stage, max_repeats=20):
+    """(N, R) of a stage of `task.repeat_schedule=alternate` (dni_rnn.app.tasks.CopyTask)."""
+    return stage // 2 + 1, min((stage + 1) // 2, max_repeats)
+
+
+def section_their_copy_repeat():
+    name = "repeat-copy-their.csv"
+    out = "runs/compare-repeat-copy-their"
+    diag = "--set train.diagnose_every=500"
+    text = ["### repeat-copy in BP(lambda)'s setting", "",
+            "The recipe `repeat-copy-bplambda`: their copy-repeat setting as their public config "
+            "has it (1x100 LSTM, batch 100, Adam 1e-3, clip 1, R and N taking turns, a stage "
+            "solved below 0.15 bits of cross-entropy per answer bit; BP(lambda) with gamma 0.9, "
+            "trace decay 1, beta 1, a linear zero-initialised synthesizer over [h; c] at Adam "
+            "1e-5, no cap, no guard), at T=1, 40,000 updates (one per step; 4M steps x streams), "
+            "seeds 1 and 2; full BPTT gets the same 4M steps x streams, one update per episode "
+            "(docs/dni.md, \"Their copy-repeat setting\").", "",
+            f"    dni-rnn compare repeat-copy-bplambda --truncations 1 --methods bp-lambda,bptt,dni "
+            f"--seeds 1,2 --budget-updates 40000 --jobs 2 --out {out} {diag}",
+            f"    dni-rnn compare repeat-copy-bplambda --truncations 1 --methods bp-lambda --seeds 1,2 "
+            f"--budget-updates 40000 --jobs 2 --out {out}-bp0 --set dni.trace_decay=0 {diag}",
+            f"    dni-rnn compare repeat-copy-bplambda --truncations 400 --methods bptt --seeds 1,2 "
+            f"--budget-tokens 4000000 --jobs 2 --out {out}-full --set train.max_steps=0",
+            f"    python experiments/cosine_csv.py {out}*/*-T*-s* --out docs/results/{name}", ""]
+    rows = read(name)
+    if rows is None:
+        return "\n".join(text + [pending(name)])
+    body = []
+    for label, method, T, decay, _ in THEIR_ARMS:
+        runs = sorted((r for r in rows if r["method"] == method and int(r["T"]) == T
+                       and (r.get("trace_decay") or "") == decay), key=lambda r: int(r["seed"]))
+        if not runs:
+            continue
+
+        def stage(r):
+            b = int(float(r["best"]))
+            return f"{b} ({'N=%d, R=%d' % stage_shape(b) if b else '-'})"
+        body.append([label, " / ".join(stage(r) for r in runs),
+                     " / ".join(r["updates"] for r in runs),
+                     " / ".join(f"{float(r['cos_k1']):.2f}" if r["cos_k1"] else "-" for r in runs),
+                     " / ".join(r["recoveries"] for r in runs)])
+    return "\n".join(text + [
+        "Last stage solved per seed (seed 1 / seed 2), higher is better:", "",
+        table(["arm", "stage solved (N, R)", "updates", "cos_k1", "recoveries"], body), ""])
+
+
 def section_char_synth():
     name = "ptb-char-synth.csv"
     sets = "--set optim.plateau_factor=1 --set train.threads=1 --set train.diagnose_every=100"
@@ -580,7 +635,7 @@ def render():
              section_bplambda(),
              section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
                               "runs/compare-repeat-copy-cdni"),
-             section_bplambda_char(), section_char_synth(), section_word_synth(),
+             section_bplambda_char(), section_their_copy_repeat(), section_char_synth(), section_word_synth(),
              section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 

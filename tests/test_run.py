@@ -87,7 +87,9 @@ def test_the_alternate_repeat_schedule_lets_r_and_n_take_turns():
     assert shapes == [(1, 1), (2, 1), (2, 2), (3, 2), (3, 2), (4, 2), (4, 2)]  # R capped at 2
     batch = task.episodes(3, 4, None)           # stage 4: N=3, R=2 -> 3 * 3 + 3 steps
     assert batch.inputs.shape[0] == 12 and int(batch.mask[:, 0].sum()) == 3 * 2 + 1
-    assert CopyTask(load_recipe("repeat-copy-smoke")).shape(4) == (4, 4)  # min: R = min(N, 5)
+    assert task.metric.label == "last stage solved"
+    plain = CopyTask(load_recipe("repeat-copy-smoke"))
+    assert plain.shape(4) == (4, 4) and plain.metric.label == "longest length solved"  # min
     with pytest.raises(ConfigError, match="repeat_schedule=alternate"):
         validate(load_recipe("copy-smoke", ["task.repeat_schedule=alternate"]))
 

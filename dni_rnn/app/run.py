@@ -584,7 +584,8 @@ class Run:
         cfg, p = self.cfg, self.progress
         return {"recipe": cfg.recipe, "method": cfg.dni.method,
                 "truncation": cfg.train.truncation, "seed": cfg.train.seed,
-                "metric": self.task.metric.name, "steps": self.step, "tokens": p.tokens,
+                "metric": self.task.metric.name, "metric_label": self.task.metric.label,
+                "steps": self.step, "tokens": p.tokens,
                 "epochs": p.epoch, "elapsed_s": p.elapsed,
                 "tokens_per_s": p.tokens / max(p.elapsed, 1e-9),
                 "stopped_early": p.stopped_early, "best_step": p.best_step,
@@ -601,8 +602,8 @@ def format_summary(s):
             f"({s['tokens_per_s']:.0f} tok/s)" + (" | stopped early" if s["stopped_early"] else ""))
     m = METRICS[s["metric"]]
     if m.from_loss is None:  # a task-measured metric: the task's own words
-        body = f"{m.label}: {m.format(s['best_metric'])}" + (f" ({s['detail']})"
-                                                            if s.get("detail") else "")
+        body = (f"{s.get('metric_label', m.label)}: {m.format(s['best_metric'])}"
+                + (f" ({s['detail']})" if s.get("detail") else ""))
     else:
         body = f"best valid {m.name} {m.format(s['best_metric'])}"
         if "test_metric" in s:

@@ -69,6 +69,8 @@ PERPLEXITY = Metric("ppl", "perplexity", "ppl", 2, False, lambda loss: math.exp(
                     log_scale=True)
 BITS_PER_CHAR = Metric("bpc", "bits per character", "bpc", 3, False, lambda loss: loss / LN2)
 LENGTH_SOLVED = Metric("length", "longest length solved", "longest solved", 0, True)
+# repeat-copy with R and N taking turns (`task.repeat_schedule=alternate`) counts stages
+STAGE_SOLVED = Metric("length", "last stage solved", "stage solved", 0, True)
 METRICS = {m.name: m for m in (PERPLEXITY, BITS_PER_CHAR, LENGTH_SOLVED)}
 
 
@@ -224,6 +226,8 @@ class CopyTask:
         self.cfg, self.world = cfg, world or World()
         t = cfg.task
         self.repeat = cfg.data.corpus == "repeat-copy"
+        if self._staged:
+            self.metric = STAGE_SOLVED
         if t.max_length < t.start_length:
             raise ConfigError(f"task.max_length={t.max_length} is below task.start_length="
                               f"{t.start_length}")
