@@ -85,6 +85,8 @@ def test_smoke_recipe_trains_end_to_end(recipe, tmp_path, cache):
         assert "test ppl" in p.stdout and summary["test_ppl"] > 1
     elif recipe == "ptb-char-smoke":
         assert "test bpc" in p.stdout and 0 < summary["test_bpc"] < 10
+    elif recipe.startswith("repeat-copy-bplambda"):  # R and N take turns: stages
+        assert "last stage solved" in p.stdout and "stage 1 (N=1, R=1)" in p.stdout
     else:
         assert "longest length solved" in p.stdout
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..metrics import read_records
 from .config import Config, ConfigError, METHODS, validate
-from .tasks import METRICS
+from .tasks import summary_metric
 from .training import train
 
 
@@ -196,7 +196,7 @@ def write_report(plan, say=print):
             runs.append({"method": c.dni.method, "T": c.train.truncation, "seed": c.train.seed,
                          "summary": summary, "curve": _curve(d, summary["metric"])})
     rows = _rows(runs, plan.methods, plan.truncations)
-    metric = METRICS[runs[0]["summary"]["metric"]]
+    metric = summary_metric(runs[0]["summary"])
     write_tables(rows, metric, plan.out, plan.budget, plan.seeds, plan.unit)
     write_runs(runs, plan.out)
     plotted = plot(runs, metric, plan.out)

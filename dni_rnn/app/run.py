@@ -46,7 +46,7 @@ from .config import ConfigError, bootstrap_and_traces, horizons, target_scale
 from .logs import Meter, NullLog, RunLog, progress_bar
 from .stopping import RunInterrupted, StopSignals
 from ..synthesizers import RecurrentSynthesizer, StateSynthesizer, state_dim
-from .tasks import METRICS, build_task
+from .tasks import build_task, summary_metric
 from ..tbptt import TBPTTRunner, window
 from ..truncation import FixedTruncation, RandomTruncation
 
@@ -600,10 +600,10 @@ def format_summary(s):
     head = (f"done: {s['recipe']} {s['method']} T={s['truncation']} seed={s['seed']} | "
             f"{s['steps']} updates, {s['tokens']:,} tokens in {s['elapsed_s']:.1f}s "
             f"({s['tokens_per_s']:.0f} tok/s)" + (" | stopped early" if s["stopped_early"] else ""))
-    m = METRICS[s["metric"]]
+    m = summary_metric(s)
     if m.from_loss is None:  # a task-measured metric: the task's own words
-        body = (f"{s.get('metric_label', m.label)}: {m.format(s['best_metric'])}"
-                + (f" ({s['detail']})" if s.get("detail") else ""))
+        body = f"{m.label}: {m.format(s['best_metric'])}" + (f" ({s['detail']})"
+                                                            if s.get("detail") else "")
     else:
         body = f"best valid {m.name} {m.format(s['best_metric'])}"
         if "test_metric" in s:

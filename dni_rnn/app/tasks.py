@@ -74,6 +74,13 @@ STAGE_SOLVED = Metric("length", "last stage solved", "stage solved", 0, True)
 METRICS = {m.name: m for m in (PERPLEXITY, BITS_PER_CHAR, LENGTH_SOLVED)}
 
 
+def summary_metric(summary):
+    """The Metric a run's summary.json reports (its name, and its label where two share a
+    name: a staged curriculum's stages are counted as its lengths are)."""
+    m = METRICS[summary["metric"]]
+    return STAGE_SOLVED if summary.get("metric_label") == STAGE_SOLVED.label else m
+
+
 class Stream(NamedTuple):
     """Time-major training streams: one epoch of a corpus, or one block of episodes."""
 
