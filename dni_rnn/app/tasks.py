@@ -392,7 +392,7 @@ class CopyTask:
 
     def result_text(self, result, best=None):
         return (f"{self._where(result['at_length']):<4s} {self._measure_text(result)}"
-                f" | longest solved {result['length']}")
+                f" | {'last stage' if self._staged else 'longest'} solved {result['length']}")
 
     def postfix(self, rec):
         return {("stage" if self._staged else "N"): self.length, "solved": self.solved}
@@ -402,8 +402,8 @@ class CopyTask:
                "final_error": self.last_error,
                "detail": f"curriculum at {self._where(self.length)}, {self._measure_text()}"}
         if self._staged:
-            (n, r), (fn, fr) = self.shape(best or 0), self.shape(self.length)
-            out.update(best_N=n if best else 0, best_R=r if best else 0, final_N=fn, final_R=fr)
+            (n, r), (fn, fr) = self.shape(best) if best else (0, 0), self.shape(self.length)
+            out.update(best_N=n, best_R=r, final_N=fn, final_R=fr)
         return out
 
     @torch.no_grad()
