@@ -303,10 +303,10 @@ def section_cdni_aux():
     out = "runs/compare-copy-cdni256-aux-20k"
     text = ["### copy, cDNI + Aux", "",
             "The cDNI setting of the 20,000-update sweep above (256 chunks refitted) with the "
-            "paper's auxiliary loss (`dni.method=dni-aux`) at T = 3 and 5, the two T where cDNI's "
-            "`cos_k1` fell short of 0.3 on a seed; seeds 1 and 2. Plain TBPTT and cDNI are the "
-            "runs of `copy-cdni-256-20k.csv` (the same budget).", "",
-            f"    dni-rnn compare copy --truncations 3,5 --methods dni-aux --seeds 1,2 "
+            "paper's auxiliary loss (`dni.method=dni-aux`), seeds 1 and 2 (T = 3 and 5 first, "
+            "the two T where cDNI's `cos_k1` fell short of 0.3 on a seed). Plain TBPTT and cDNI "
+            "are the runs of `copy-cdni-256-20k.csv` (the same budget).", "",
+            f"    dni-rnn compare copy --truncations 2,3,4,5 --methods dni-aux --seeds 1,2 "
             f"--budget-updates 20000 --jobs 2 --out {out} {cdni_sets(256)}",
             f"    python experiments/cosine_csv.py {out}/*-T*-s* --out docs/results/{name}", ""]
     rows, base = read(name), read("copy-cdni-256-20k.csv")
