@@ -391,11 +391,6 @@ THEIR_ARMS = [  # (label, which rows of repeat-copy-their.csv)
 ]
 
 
-def stage_shape(stage, max_repeats=20):
-    """(N, R) of a stage of `task.repeat_schedule=alternate` (dni_rnn.app.tasks.CopyTask)."""
-    return stage // 2 + 1, min((stage + 1) // 2, max_repeats)
-
-
 def section_their_copy_repeat():
     name = "repeat-copy-their.csv"
     out = "runs/compare-repeat-copy-their"
@@ -421,6 +416,9 @@ def section_their_copy_repeat():
     rows = read(name)
     if rows is None:
         return "\n".join(text + [pending(name)])
+    from dni_rnn.app.config import load_recipe
+    from dni_rnn.app.tasks import alternate_stage
+    max_repeats = load_recipe("repeat-copy-bplambda").task.max_repeats
     body = []
     for label, chosen in THEIR_ARMS:
         runs = sorted((r for r in rows if chosen(r)), key=lambda r: int(r["seed"]))
@@ -429,7 +427,7 @@ def section_their_copy_repeat():
 
         def stage(r):
             b = int(float(r["best"]))
-            return f"{b} ({'N=%d, R=%d' % stage_shape(b) if b else '-'})"
+            return f"{b} ({'N=%d, R=%d' % alternate_stage(b, max_repeats) if b else '-'})"
         body.append([label, " / ".join(stage(r) for r in runs),
                      " / ".join(r["updates"] for r in runs),
                      " / ".join(f"{float(r['cos_k1']):.2f}" if r["cos_k1"] else "-" for r in runs),
@@ -673,7 +671,8 @@ def render():
              section_cdni_aux(), section_bplambda(),
              section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
                               "runs/compare-repeat-copy-cdni"),
-             section_bplambda_char(), section_their_copy_repeat(), section_char_synth(), section_word_synth(),
+             section_bplambda_char(), section_their_copy_repeat(), section_char_synth(),
+             section_word_synth(),
              section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 

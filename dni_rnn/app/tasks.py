@@ -74,6 +74,12 @@ STAGE_SOLVED = Metric("length", "last stage solved", "stage solved", 0, True)
 METRICS = {m.name: m for m in (PERPLEXITY, BITS_PER_CHAR, LENGTH_SOLVED)}
 
 
+def alternate_stage(stage, max_repeats):
+    """(N, R) of stage s = 1, 2, 3, ... when R and N take turns (`task.repeat_schedule =
+    alternate`): (1, 1), (2, 1), (2, 2), (3, 2), ..., R capped at `max_repeats`."""
+    return stage // 2 + 1, min((stage + 1) // 2, max_repeats)
+
+
 def summary_metric(summary):
     """The Metric a run's summary.json reports (its name, and its label where two share a
     name: a staged curriculum's stages are counted as its lengths are)."""
@@ -306,7 +312,7 @@ class CopyTask:
         if not self.repeat:
             return length, None
         if t.repeat_schedule == "alternate":
-            return length // 2 + 1, min((length + 1) // 2, t.max_repeats)
+            return alternate_stage(length, t.max_repeats)
         return length, min(length, t.max_repeats)
 
     def episodes(self, batch_size, length, generator, n_episodes=1, device=None):
@@ -417,7 +423,7 @@ class CopyTask:
         inputs, targets, mask = (w.eval_columns(t) for t in (batch.inputs, batch.targets,
                                                                batch.mask))
         steps, count = inputs.shape[0], inputs.shape[1]
-        errors = loss_sum = 0.0
+        errors = loss_sum = answer_bits = 0.0
         if count:
             was_training = model.training
             model.eval()
@@ -430,8 +436,6 @@ class CopyTask:
             packed = torch.cat([targets, mask.unsqueeze(-1).float()], -1)
             loss_sum = float(self.loss_fn(outputs, packed)) * steps * count
             answer_bits = float(mask.sum()) * targets.shape[-1]
-        else:
-            answer_bits = 0.0
         if w.distributed:
             errors, loss_sum, count, answer_bits = w.sum([errors, loss_sum, count, answer_bits])
         error = errors / count
