@@ -52,7 +52,8 @@ SETTINGS = {
     "old": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0", "dni.guard": "false"},
     "old-guard": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0"},
     # raw targets, the cap, and beta = lambda = 0.0125 (where the guard left raw-guard's
-    # winning runs): a small capped raw injection from the start
+    # winning runs): a small capped raw injection from the start; dni.method=sg-push since
+    # 2026-12-04 (ptb-word-small shipped it as DNI until then)
     "raw-cap-b0125": {**DNI, "dni.target_scale": "raw", "dni.sg_scale": "0.0125"},
     # the same as old-guard, run under the final guard (ptb-word-small shipped it for a day)
     "raw-guard": {**DNI, "dni.target_scale": "raw", "dni.sg_cap": "0"},

@@ -72,7 +72,7 @@ def word_runs(names, setting):
     return {k: v for k, v in sorted(out.items()) if "plain" in v and "dni" in v}
 
 
-def word_table(runs):
+def word_table(runs, label="DNI"):
     rows, gains = [], []
     for (T, seed), r in runs.items():
         (pv, pt), (dv, dt) = r["plain"], r["dni"]
@@ -80,9 +80,9 @@ def word_table(runs):
         rows.append([f"T={T}", seed, f"{pv:.2f} / {pt:.2f}", f"{dv:.2f} / {dt:.2f}",
                      gain(pt, dt), r["recoveries"]])
     wins = sum(g > 0 for g in gains)
-    return (table(["T", "seed", "plain valid / test", "DNI valid / test", "gain (test)",
+    return (table(["T", "seed", "plain valid / test", f"{label} valid / test", "gain (test)",
                    "recoveries"], rows),
-            f"DNI's test perplexity is lower on {wins} of {len(runs)} runs; the gains run from "
+            f"{label}'s test perplexity is lower on {wins} of {len(runs)} runs; the gains run from "
             f"{min(gains):+.1f}% to {max(gains):+.1f}% (mean {statistics.fmean(gains):+.1f}%).")
 
 
@@ -90,27 +90,33 @@ def section_words():
     text = ["## PTB words: plain TBPTT against DNI, one epoch", "",
             "`ptb-word-small` (2x200 LSTM, batch 20, Adam 1e-3, clip 0.25 on the model; the "
             "setting of dni-pytorch's example), one epoch (929,560 tokens), for each T and "
-            "seed, and the same with `--set dni.method=bptt`:", "",
+            "seed, and the same with `--set dni.method=bptt` (plain TBPTT) or `--set "
+            "dni.method=sg-push` (the push the recipe shipped as DNI until 2026-12-04):", "",
             "    dni-rnn train ptb-word-small --set train.epochs=1 --set train.truncation=T "
-            "--set train.seed=S [--set dni.method=bptt]", "",
+            "--set train.seed=S [--set dni.method=bptt | --set dni.method=sg-push]", "",
             "Perplexity, lower is better; valid is the best validation, test uses the best "
             "checkpoint.", "",
-            "### As shipped: raw targets, the cap and the guard, beta = lambda = 0.0125", "",
-            "The recipe's own DNI setting (docs/dni.md says why it departs from the library "
-            "defaults, and lists the settings that lost on the way), as run by `python "
+            "### sg-push (shipped as DNI until 2026-12-04): raw targets, the cap and the "
+            "guard, beta = lambda = 0.0125", "",
+            "What the recipe shipped as DNI from 2026-11-28 to 2026-12-04, and `--set "
+            "dni.method=sg-push` trains now: a synthesizer on raw targets whose output the cap "
+            "turns into a push of 1.25% of the real gradient's norm; it does not predict the "
+            "future gradient (cosine about 0; docs/dni.md says how it was found, lists the "
+            "settings that lost on the way, and why it is no longer called DNI), as run by `python "
             "experiments/dni_stability.py --runs word-T5:raw-cap-b0125:1,word-T5:plain:1,...` "
             "on 2 CPU cores, torch 2.13.0+cpu, one thread per run, two or three runs side by "
-            "side, 2026-11-28 (setting `raw-cap-b0125` spells out the recipe's `[dni]` keys). "
+            "side, 2026-11-28 (setting `raw-cap-b0125` spells out sg-push's keys under dni). "
             "Rows `raw-cap-b0125` and `plain` of `docs/results/dni-stability-cpu.csv`; T=7 "
             "and T=20 with seed 4 are checks on truncations and a seed that no doc named in "
             "advance (T=20 run on 2026-11-29).", ""]
     runs = word_runs(["dni-stability-cpu.csv"], "raw-cap-b0125")
     if runs:
-        body, summary = word_table(runs)
+        body, summary = word_table(runs, "sg-push")
         text += [body, "", summary + " No run diverged.", ""]
     else:
         text.append(pending("dni-stability-cpu.csv"))
-    text += ["### The library defaults (RMS targets, cap 1, guard)", "",
+    text += ["### DNI, the library defaults (RMS targets, cap 1, guard): the recipe since "
+             "2026-12-04", "",
              "`... --set dni.target_scale=rms --set dni.sg_cap=1`, as run by `python "
              "experiments/dni_stability.py --cases word-T5,word-T10,word-T35 --only "
              f"default,plain` on {H200}. Rows: `docs/results/dni-stability-h200*.csv`.", ""]
@@ -120,7 +126,9 @@ def section_words():
     body, summary = word_table(runs)
     text += [body, "", summary + " The spread that the seed alone gives plain TBPTT at one "
              "T is as large (docs/dni.md), so with the defaults DNI is **equal** to plain "
-             "TBPTT on PTB words, not better; that is why the recipe ships raw targets.", ""]
+             "TBPTT on PTB words, not better; on the CPU at T=5 (docs/dni.md) it was lower on "
+             "3 of 3 seeds, by 1.4-2.7%. Neither it nor sg-push predicts the future gradient "
+             "on PTB words (below).", ""]
     return "\n".join(text)
 
 
@@ -468,15 +476,16 @@ def section_word_synth():
     name = "ptb-word-synth.csv"
     outs = {"shipped": "", "h128": " --set dni.synth_hidden=128",
             "linear": " --set dni.synth_layers=0"}
-    text = ["### ptb-word-small at T=5: DNI's synthesizer by size, with the cosine", "",
-            "DNI with the recipe's synthesizer (one hidden layer as wide as the 800-wide state), "
+    text = ["### ptb-word-small at T=5: sg-push's synthesizer by size, with the cosine", "",
+            "sg-push with the recipe's synthesizer (one hidden layer as wide as the 800-wide state), "
             "one of 128 units, and a linear one; one epoch, seeds 1 and 2, diagnosed every 200 "
-            "updates. Plain TBPTT is the T=5 rows of \"As shipped\" above (the same recipe and "
+            "updates, all as sg-push (the recipe's DNI when they ran). Plain TBPTT is the T=5 "
+            "rows of the sg-push table above (the same recipe and "
             "epoch; made by an earlier version of the code). `cos_k1`: the mean cosine of the "
             "synthetic gradient with the true future gradient over the second half of the run.",
             ""]
     text += [f"    dni-rnn train ptb-word-small --out runs/word-synth-{k}/dni-T5-sS "
-             "--set train.epochs=1 --set train.truncation=5 --set train.seed=S "
+             "--set dni.method=sg-push --set train.epochs=1 --set train.truncation=5 --set train.seed=S "
              f"--set train.threads=1 --set train.diagnose_every=200{v}" for k, v in outs.items()]
     text += ["    python experiments/cosine_csv.py runs/word-synth-*/dni-T5-s? "
              f"--out docs/results/{name}", ""]
@@ -566,7 +575,8 @@ def section_zaremba():
             + " --plot docs/figures/zaremba-small", "",
             f"The paper: {ZAREMBA['valid']} valid / {ZAREMBA['test']} test perplexity "
             "(TensorFlow's reproduction: 115.9 test). `ptb-word-small` (Adam, T=35, 6 epochs) "
-            "is not that recipe: as shipped (DNI) it reached test 143.90 (docs/dni.md), and "
+            "is not that recipe: with sg-push (its DNI until 2026-12-04) it reached test 143.90 "
+            "(docs/dni.md), and "
             "plain TBPTT with it, on the code of issue 10's report, best valid 172.88.", ""]
     rows = read(name)
     if rows is None:
@@ -645,9 +655,11 @@ def render():
             "Generated by `python experiments/results.py` from the CSVs in `docs/results/`; "
             "`python experiments/results.py --check` (run by the test suite) fails when this "
             "file and the CSVs disagree. Every table sits under the command that made it.", "",
-            "What DNI buys, as measured here: on PTB words (`ptb-word-small` as shipped) "
-            "a lower test perplexity than plain TBPTT at T = 5 to 10 on every seed and an equal "
-            "one at T = 35; on PTB characters a slightly lower bpc at every T on both seeds; "
+            "What DNI buys, as measured here: on PTB words an equal test perplexity with the "
+            "library's defaults (`ptb-word-small` now), and a lower one at T = 5 to 20 on "
+            "every seed and an equal one at T = 35 with the capped raw push the recipe shipped "
+            "as DNI until 2026-12-04 (now `dni.method=sg-push`: it does not predict the "
+            "future gradient); on PTB characters a slightly lower bpc at every T on both seeds; "
             "on the 1-bit demo a longer solved length on every seed; on the 8-bit copy tasks "
             "mostly the same length or less with the recipes' DNI; a longer one on both seeds "
             "when the synthesizer also reads the targets after each boundary (cDNI; below; "

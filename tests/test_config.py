@@ -27,8 +27,7 @@ def test_recipe_values_override_defaults():
     assert cfg.data.batch_size == 20 and cfg.train.truncation == 35   # from ptb-word-small
     small = C.load_recipe("ptb-word-small")
     assert (small.optim.name, small.optim.lr, small.optim.clip) == ("adam", 1e-3, 0.25)
-    assert (small.dni.sg_scale, small.dni.bootstrap, small.dni.target_scale) == (0.0125, None, "raw")
-    assert (small.dni.sg_cap, small.dni.guard) == (1.0, True)  # measured per recipe: docs/dni.md
+    assert small.dni == C.DNIConfig()  # DNI as the library defines it; the push is sg-push
     assert (small.train.epochs, small.train.log_interval) == (6, 200)
     assert (cfg.dni.target_scale, cfg.dni.sg_cap, cfg.dni.sg_scale) == ("rms", 1.0, 0.1)  # medium
     assert metric_name(C.load_recipe("ptb-char").data) == "bpc"
@@ -42,6 +41,31 @@ def test_bptt_and_dni_are_one_set_apart():
     a, b = dni.to_dict(), bptt.to_dict()
     a["dni"].pop("method"), b["dni"].pop("method")
     assert a == b
+
+
+def test_sg_push_is_the_old_shipped_raw_push_under_its_own_name():
+    push = C.load_recipe("ptb-word-small", ["dni.method=sg-push"])
+    raw = C.load_recipe("ptb-word-small", ["dni.target_scale=raw", "dni.sg_scale=0.0125"])
+    assert (C.target_scale(push), C.sg_scale(push), C.bootstrap_and_traces(push)) == \
+        ("raw", 0.0125, (0.0125, 0.0))
+    assert (C.target_scale(raw), C.sg_scale(raw), C.bootstrap_and_traces(raw)[0] or
+            C.sg_scale(raw)) == ("raw", 0.0125, 0.0125)
+    assert push.dni.sg_cap == raw.dni.sg_cap == 1.0 and push.dni.guard and raw.dni.guard
+    dni = C.load_recipe("ptb-word-small")
+    assert (C.target_scale(dni), C.sg_scale(dni), C.bootstrap_and_traces(dni)) == \
+        ("rms", 0.1, (None, 0.0))
+
+
+@pytest.mark.parametrize("items, words", [
+    (["dni.sg_scale=0.05"], ["sg-push", "dni.push_scale", "dni.method=dni"]),
+    (["dni.target_scale=rms", "dni.bootstrap=0.5"], ["sg-push", "dni.bootstrap"]),
+    (["dni.sg_cap=0"], ["sg-push", "dni.sg_cap > 0"]),
+    (["dni.push_scale=-1"], ["dni.push_scale", ">= 0"]),
+])
+def test_sg_push_refuses_the_settings_it_sets_itself(items, words):
+    with pytest.raises(C.ConfigError) as e:
+        C.load_recipe("ptb-word-small", ["dni.method=sg-push"] + items)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words)
 
 
 @pytest.mark.parametrize("item, section, key, value", [

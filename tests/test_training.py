@@ -71,6 +71,23 @@ def test_resume_after_a_kill_is_bit_exact(recipe, overrides, ptb_dir, tmp_path, 
         assert a[-1]["epoch"] >= 1  # the run crossed an epoch boundary
 
 
+def test_sg_push_trains_exactly_the_raw_capped_dni_it_renames(ptb_dir, tmp_path):
+    data = str(ptb_dir.parent)
+    base = TINY_LM + ["train.max_steps=6", "dni.synth_lr=0"]  # the model's Adam, as shipped
+    push = train(load_recipe("ptb-word-small-smoke", base + ["dni.method=sg-push"]),
+                 out_dir=tmp_path / "push", data_dir=data, quiet=True)
+    raw = train(load_recipe("ptb-word-small-smoke", base + [
+        "dni.target_scale=raw", "dni.sg_scale=0.0125"]), out_dir=tmp_path / "raw",
+        data_dir=data, quiet=True)
+    a, b = run_records(tmp_path / "push"), run_records(tmp_path / "raw")
+    assert a == b and any(r["synth_loss"] for r in a)  # every loss and norm, to the last bit
+    assert (push["method"], raw["method"]) == ("sg-push", "dni")
+    assert push["test_ppl"] == raw["test_ppl"]
+    pa, pb = ckpt.load(tmp_path / "push" / "last.pt"), ckpt.load(tmp_path / "raw" / "last.pt")
+    for key in pa["model"]:
+        assert torch.equal(pa["model"][key], pb["model"][key])
+
+
 def test_resume_refuses_another_model(ptb_dir, tmp_path):
     data = str(ptb_dir.parent)
     overrides = TINY_LM + ["train.max_steps=5"]

@@ -47,7 +47,7 @@ def _f(default, help, choices=None):
 LM_CORPORA = ("ptb-word", "ptb-char", "wikitext-2", "wikitext-103", "text", "hf")
 CORPORA = LM_CORPORA + ("copy", "repeat-copy")
 TOKENIZERS = ("auto", "word", "char", "sentencepiece")
-METHODS = ("bptt", "dni", "dni-aux", "bp-lambda")
+METHODS = ("bptt", "dni", "dni-aux", "bp-lambda", "sg-push")
 SYNTHESIZERS = ("mlp", "gru")
 CONTEXTS = ("none", "targets", "inputs", "both")
 REPEAT_SCHEDULES = ("min", "alternate")
@@ -136,13 +136,17 @@ class DNIConfig:
     method: str = _f("dni", "bptt: plain truncated BPTT; dni: synthetic gradients at chunk "
                             "ends; dni-aux: DNI plus the auxiliary prediction loss; bp-lambda: "
                             "DNI whose synthesizer learns by BP(lambda), with dni.gamma and "
-                            "dni.trace_decay (docs/dni.md)", METHODS)
+                            "dni.trace_decay (docs/dni.md); sg-push: not DNI, a capped push "
+                            "from a raw-unit synthesizer at beta = lambda = dni.push_scale, "
+                            "which does not predict the future gradient (docs/dni.md)", METHODS)
     sg_scale: float = _f(0.1, "beta, weight of the synthetic gradient injected at a chunk end")
     bootstrap: typing.Optional[float] = _f(None, "lambda in [0, 1], weight of J^T g_hat in the "
                                                  "synthesizer's target; none: equal to sg_scale "
                                                  "(free, the stable setting)")
     gamma: float = _f(0.9, "bp-lambda only: the discount gamma in [0, 1], the weight of J^T "
                            "g_hat in the synthesizer's TD target (what dni.bootstrap is to dni)")
+    push_scale: float = _f(0.0125, "sg-push only: its beta = lambda (raw targets, each stream's "
+                                   "output capped at dni.sg_cap real-gradient RMS norms)")
     trace_decay: float = _f(1.0, "bp-lambda only: BP(lambda)'s lambda in [0, 1]; the "
                                  "synthesizer's eligibility traces decay by gamma x trace_decay "
                                  "per chunk (0: the one-step target, dni with bootstrap = gamma; "
@@ -448,6 +452,7 @@ def validate(cfg):
          f"dni.refit_decay must lie in (0, 1] (1: equal weights), got {cfg.dni.refit_decay}")
     need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
     _validate_bp_lambda(cfg.dni, need)
+    _validate_sg_push(cfg.dni, need)
     target_scale(cfg)
     need(0 < cfg.optim.plateau_factor <= 1, "optim.plateau_factor must lie in (0, 1]")
     need(0 < cfg.optim.decay_factor <= 1, "optim.decay_factor must lie in (0, 1]")
@@ -494,12 +499,34 @@ def _validate_bp_lambda(d, need):
          "stored triggers lack); set dni.replay=0 and dni.refit=0, or dni.synthesizer=mlp")
 
 
+def _validate_sg_push(d, need):
+    if d.method != "sg-push":
+        return
+    need(d.push_scale >= 0, f"dni.push_scale must be >= 0, got {d.push_scale}")
+    need(d.sg_cap > 0, "dni.method=sg-push is a capped push: set dni.sg_cap > 0 (1: the "
+                       "real gradients' RMS norm)")
+    default = DNIConfig()
+    need((d.target_scale, d.sg_scale, d.bootstrap) ==
+         (default.target_scale, default.sg_scale, default.bootstrap),
+         "dni.method=sg-push sets raw targets and beta = lambda = dni.push_scale itself; "
+         "leave dni.target_scale, dni.sg_scale and dni.bootstrap unset (or set them with "
+         "dni.method=dni)")
+
+
 def bootstrap_and_traces(cfg):
     """(bootstrap, trace_decay) for the runner: bp-lambda's are gamma and dni.trace_decay;
-    the other methods keep dni.bootstrap and no traces."""
+    sg-push's bootstrap is dni.push_scale; the other methods keep dni.bootstrap and no
+    traces."""
     if cfg.dni.method == "bp-lambda":
         return cfg.dni.gamma, cfg.dni.trace_decay
+    if cfg.dni.method == "sg-push":
+        return cfg.dni.push_scale, 0.0
     return cfg.dni.bootstrap, 0.0
+
+
+def sg_scale(cfg):
+    """beta for the runner: dni.push_scale for sg-push, dni.sg_scale otherwise."""
+    return cfg.dni.push_scale if cfg.dni.method == "sg-push" else cfg.dni.sg_scale
 
 
 def _validate_data(d, need):
@@ -584,8 +611,9 @@ def parse_horizons(text, key):
 
 
 def target_scale(cfg):
-    """dni.target_scale as the runner wants it: "rms", "raw", "sum" or a float."""
-    value = cfg.dni.target_scale
+    """dni.target_scale as the runner wants it: "rms", "raw", "sum" or a float (raw for
+    sg-push)."""
+    value = "raw" if cfg.dni.method == "sg-push" else cfg.dni.target_scale
     if value in ("rms", "raw", "sum"):
         return value
     if isinstance(value, float) and value > 0:

@@ -42,7 +42,7 @@ from .. import diagnostics
 from .. import distributed
 from .. import nest
 from ..streams import forward_with_resets, initial_state
-from .config import ConfigError, bootstrap_and_traces, horizons, target_scale
+from .config import ConfigError, bootstrap_and_traces, horizons, sg_scale, target_scale
 from .logs import Meter, NullLog, RunLog, progress_bar
 from .stopping import RunInterrupted, StopSignals
 from ..synthesizers import RecurrentSynthesizer, StateSynthesizer, state_dim
@@ -227,7 +227,7 @@ class Run:
         bootstrap, trace_decay = bootstrap_and_traces(cfg)
         self.runner = TBPTTRunner(
             self.model, self.task.loss_fn, self.optimizer, truncation=self.schedule,
-            synthesizer=self.synth, sg_scale=cfg.dni.sg_scale, bootstrap=bootstrap,
+            synthesizer=self.synth, sg_scale=sg_scale(cfg), bootstrap=bootstrap,
             clip=cfg.optim.clip or None, synth_clip=cfg.dni.synth_clip or None,
             warmup=cfg.dni.warmup, target_scale=target_scale(cfg),
             sg_cap=cfg.dni.sg_cap or None, guard=cfg.dni.guard,

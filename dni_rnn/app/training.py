@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .. import diagnostics
 from .. import distributed
 from .cores import CoreShare
-from .config import Config, ConfigError, target_scale, validate
+from .config import Config, ConfigError, sg_scale, target_scale, validate
 from .run import (Run, build_synthesizers, context_stream, context_width, context_window,
                   select_device)
 from .stopping import RankLost
@@ -172,7 +172,7 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
         synth = synth.to(dev)
         synth.load_state_dict(c["synthesizer"])
     runner = TBPTTRunner(model, task.loss_fn, None, truncation=cfg.train.truncation,
-                         synthesizer=synth, sg_scale=cfg.dni.sg_scale,
+                         synthesizer=synth, sg_scale=sg_scale(cfg),
                          target_scale=target_scale(cfg), sg_cap=cfg.dni.sg_cap or None,
                          guard=False)
     runner.load_state_dict(c["runner"])
