@@ -70,10 +70,11 @@ def row(run_dir):
     metric = summary.get("metric", "")
     best = summary.get(f"best_{metric}", summary.get(f"best_valid_{metric}", ""))
     d = cfg["dni"]
+    beta = d["push_scale"] if d["method"] == "sg-push" else d["sg_scale"]
+    lam = d["bootstrap"] if d["bootstrap"] is not None and d["method"] != "sg-push" else beta
     return {"recipe": cfg["recipe"], "method": d["method"], "T": cfg["train"]["truncation"],
             "seed": cfg["train"]["seed"], "lr": cfg["optim"]["lr"], "synth_lr": d["synth_lr"],
-            "beta": d["sg_scale"], "lambda": d["bootstrap"] if d["bootstrap"] is not None else
-            d["sg_scale"], "replay": d.get("replay", 0), "metric": metric,
+            "beta": beta, "lambda": lam, "replay": d.get("replay", 0), "metric": metric,
             "best": _round(best),
             "test": _round(summary.get("test_metric")), "updates": updates,
             "cos_k1": _mean([r.get("cos_k1") for r in diag]),

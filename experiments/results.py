@@ -134,7 +134,7 @@ def section_words():
 
 # ---- truncation sweeps (dni-rnn compare) ------------------------------------------------
 
-METHOD_NAMES = {"bptt": "plain TBPTT", "dni": "DNI", "dni-aux": "DNI + Aux",
+METHOD_NAMES = {"bptt": "plain TBPTT", "dni": "DNI", "dni-aux": "DNI + Aux", "sg-push": "sg-push",
                 "bp-lambda": "BP(lambda)"}
 
 

@@ -112,7 +112,7 @@ def build_parser():
     c = sub.add_parser("compare", help="sweep truncation lengths x methods on one token budget")
     c.add_argument("recipe")
     c.add_argument("--truncations", default="2,3,4,5,8", help="comma-separated T values")
-    c.add_argument("--methods", default="bptt,dni", help="comma-separated: bptt, dni, dni-aux, bp-lambda")
+    c.add_argument("--methods", default="bptt,dni", help="comma-separated: bptt, dni, dni-aux, bp-lambda, sg-push")
     c.add_argument("--seeds", default="1", help="comma-separated seeds")
     c.add_argument("--budget-tokens", type=int, default=0,
                    help="training tokens per run (default: the recipe's train.max_tokens)")
