@@ -9,7 +9,10 @@ over its tokens, as in training):
 
 and compares g_hat with it for K in a few horizons: cosine, relative error
 ||g_hat - g_K|| / ||g_K|| (plain TBPTT's zero has relative error 1 and cosine 0 by
-definition), and ||g_K|| by K: how far ahead the future still matters.
+definition), and ||g_K|| by K: how far ahead the future still matters. Where g_K is exactly
+zero (no loss in the next K chunks, as in a copy episode's pattern phase) the cosine and the
+relative error are undefined and left out, so that a mean over boundaries scores the
+synthesizer only where there is a future gradient to predict, not the episode's phases.
 
 Nothing changes: no parameter is updated or gets a .grad, the random generators are forked
 and restored (dropout draws as in training, then forgotten), the carried state is copied.
@@ -77,9 +80,9 @@ def compare(g_hat, truths):
         t = _flat(g)
         tn = float(t.norm())
         report[f"true_norm_k{K}"] = tn
-        report[f"cos_k{K}"] = float(h @ t) / (float(h.norm()) * tn) if h.norm() > 0 and tn > 0 \
-            else 0.0
-        report[f"relerr_k{K}"] = float((h - t).norm()) / tn if tn > 0 else math.nan
+        if tn > 0:  # a zero g_K has no direction to score (module docstring)
+            report[f"cos_k{K}"] = float(h @ t) / (float(h.norm()) * tn) if h.norm() > 0 else 0.0
+            report[f"relerr_k{K}"] = float((h - t).norm()) / tn
     return report
 
 

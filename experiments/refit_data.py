@@ -16,6 +16,11 @@ on the held-out ones (the in-training diagnosis's `cos_k1`):
   rf@w      with `--random-features w1,w2,...`: the linear solve (`--ridge`) on the
           standardised input and w fixed random ReLU features of it (a hidden layer that
           is not trained, so a refit could keep running sums over it).
+  prod@r    with `--products r1,r2,...`: the linear solve (`--ridge`) on the standardised
+          input and the products of its first r principal components of the state with
+          every context feature (a copy gradient's error term is the readout of the state
+          minus the target bit, carried back through a state-dependent Jacobian: products
+          of state and targets, which a linear map of [state; context] cannot form).
 
 The model is frozen, so the fits see a target that does not move; in training the refit
 also chases a moving model. A chunk here is one boundary of the batch's B streams, as one
@@ -90,6 +95,23 @@ def fit_random_features(train, width, ridge, seed=0):
     return lambda rec: fit(lift(rec))
 
 
+def fit_products(train, rank, ridge):
+    """The linear ridge on [z; (z_s P) x z_c]: z the standardised input, z_s its state part,
+    z_c its context part, P the state's first `rank` principal directions (of the fit's rows)."""
+    st = sc.Standard(train, 1)
+    D = train[0][1].shape[1]
+    Z = st.x(torch.cat([r["X"] for r in train]))
+    P = torch.linalg.svd(Z[:, :D] - Z[:, :D].mean(0), full_matrices=False).Vh[:rank].T
+
+    def lift(rec):
+        z = st.x(rec["X"])
+        prod = ((z[:, :D] @ P)[:, :, None] * z[:, None, D:]).flatten(1)
+        return {"X": torch.cat([z, prod], 1), 1: rec[1]}
+
+    fit = sc.fit_linear([lift(r) for r in train], 1, ridge)
+    return lambda rec: fit(lift(rec))
+
+
 def fit_mlp(train, width=256, epochs=60, lr=1e-3, seed=0):
     torch.manual_seed(seed)
     st = sc.Standard(train, 1)
@@ -119,6 +141,9 @@ def main(argv=None):
     ap.add_argument("--no-mlp", action="store_true", help="skip the offline MLP fits")
     ap.add_argument("--random-features", default="", help="widths of fixed random ReLU "
                                                           "features, comma-separated (rf@w)")
+    ap.add_argument("--products", default="", help="ranks of the state's principal "
+                                                   "components multiplied by the context, "
+                                                   "comma-separated (prod@r)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,6 +168,8 @@ def main(argv=None):
             row[f"linear@{float(r):g}"] = cos(sc.fit_linear(train, 1, float(r)))
         for w in filter(None, args.random_features.split(",")):
             row[f"rf@{int(w)}"] = cos(fit_random_features(train, int(w), args.ridge))
+        for r in filter(None, args.products.split(",")):
+            row[f"prod@{int(r)}"] = cos(fit_products(train, int(r), args.ridge))
         rows.append(row)
         print(f"{n:>5} chunks: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()
                                               if k != "chunks"), file=sys.stderr)

@@ -8,7 +8,7 @@ import dni_rnn as dni
 from dni_rnn import checkpoint as ckpt
 from dni_rnn.cli import main
 from dni_rnn.config import load_recipe
-from dni_rnn.diagnostics import diagnose, future_gradients
+from dni_rnn.diagnostics import compare, diagnose, future_gradients, mean_reports
 from dni_rnn.training import train
 from helpers import OracleSynthesizer, chunk_loss, full_bptt, make_problem
 
@@ -38,6 +38,19 @@ def test_an_oracle_scores_cosine_one_at_its_horizon():
     plain = dni.TBPTTRunner(model, chunk_loss, None, truncation=4)
     r0 = diagnose(plain, x[4:], y[4:], values[0], 4, [1, 2])
     assert r0["cos_k2"] == 0.0 and r0["relerr_k2"] == 1.0 and r0["synthetic_norm"] == 0.0
+
+
+def test_a_zero_future_gradient_is_left_out_not_scored_zero():
+    # a boundary whose next chunk carries no loss (a copy episode's pattern phase): its g_1
+    # is exactly zero, so the cosine there is undefined and must not pull a mean towards 0
+    g_hat = (torch.tensor([[1.0, 2.0]]),)
+    report = compare(g_hat, {1: (torch.zeros(1, 2),), 2: (torch.tensor([[2.0, 4.0]]),)})
+    assert report["true_norm_k1"] == 0.0 and "cos_k1" not in report and "relerr_k1" not in report
+    assert report["cos_k2"] == pytest.approx(1.0) and report["relerr_k2"] == pytest.approx(0.5)
+    scored = compare(g_hat, {1: (torch.tensor([[1.0, 0.0]]),)})
+    mean = mean_reports([report, scored])
+    assert mean["cos_k1"] == pytest.approx(scored["cos_k1"])  # not half of it
+    assert mean["cos_k2"] == pytest.approx(1.0) and mean["true_norm_k1"] == pytest.approx(0.5)
 
 
 TINY = ["model.embed_dim=16", "model.hidden_dim=16", "model.dropout=0.2",
