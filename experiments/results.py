@@ -303,7 +303,7 @@ def section_cdni(task, budget, out, chunks=64, plain=None, name=None, plain_swee
     if missing:
         text += ["cDNI's runs at T=" + ", ".join(map(str, missing)) + " are not finished yet "
                  "(the sweep resumes when its command is run again).", ""]
-    return "\n".join(text + versus_plain(rows, "dni", "cDNI"))
+    return "\n".join(text + versus_plain(rows, "dni", "cDNI", name))
 
 
 def section_cdni_aux():
@@ -332,7 +332,8 @@ def section_cdni_aux():
     return "\n".join(text + [
         "Longest length solved and `cos_k1` per seed (seed 1 / seed 2):", "",
         table(["T", "plain TBPTT", "cDNI", "cDNI cos_k1", "cDNI + Aux", "cDNI + Aux cos_k1"],
-              body), "", recoveries(rows), ""])
+              body), "", recoveries(rows) + " cDNI: " + cos_rule("copy-cdni-256-20k.csv")
+        + " cDNI + Aux: " + cos_rule(name), ""])
 
 
 def section_bplambda(task="copy", out="runs/compare-copy-bplambda",
@@ -352,7 +353,7 @@ def section_bplambda(task="copy", out="runs/compare-copy-bplambda",
     rows = read(name)
     if rows is None:
         return "\n".join(text + [pending(name)])
-    return "\n".join(text + versus_plain(rows, "bp-lambda", "BP(lambda)"))
+    return "\n".join(text + versus_plain(rows, "bp-lambda", "BP(lambda)", name))
 
 
 def section_bplambda_char():
@@ -442,7 +443,8 @@ def section_their_copy_repeat():
                      " / ".join(r["recoveries"] for r in runs)])
     return "\n".join(text + [
         "Last stage solved per seed (seed 1 / seed 2), higher is better:", "",
-        table(["arm", "stage solved (N, R)", "updates", "cos_k1", "recoveries"], body), ""])
+        table(["arm", "stage solved (N, R)", "updates", "cos_k1", "recoveries"], body), "",
+        cos_rule(name), ""])
 
 
 def section_char_synth():
@@ -526,7 +528,21 @@ def synth_size_table(rows, plain, plain_speed, metric, fmt, model_params, earlie
             recoveries(rows), ""]
 
 
-def versus_plain(rows, method, label):
+# copy-task sweeps whose cos_k1 was measured at the boundaries with a future gradient only
+REDIAGNOSED = {"copy-cdni-256-20k.csv"}
+
+
+def cos_rule(name):
+    """How a copy-task CSV's cos_k1 was measured (docs/dni.md, point 14)."""
+    if name in REDIAGNOSED:
+        return ("`cos_k1` is the mean over the boundaries with a future gradient (the "
+                "diagnosis since 2026-12-04).")
+    return ("`cos_k1` here counts the boundaries without a future gradient (no answer in the "
+            "next chunk) as 0, as the diagnosis did before 2026-12-04, and is biased low by "
+            "their share (docs/dni.md, point 14).")
+
+
+def versus_plain(rows, method, label, name):
     """Lines under a copy-task section: the longest length per seed over T, plain TBPTT
     against `method` (with its cos_k1), and the count of wins."""
     best = by_method_T(rows, "best")
@@ -544,7 +560,7 @@ def versus_plain(rows, method, label):
             table(["T", "plain TBPTT", label, f"{label} cos_k1"], body), "",
             f"{label} against plain TBPTT at the same T and seed: longer on {won}, equal on "
             f"{len(pairs) - won - lost}, shorter on {lost} of {len(pairs)}. "
-            + recoveries(rows), ""]
+            + recoveries(rows) + " " + cos_rule(name), ""]
 
 
 ZAREMBA = {"valid": 120.7, "test": 114.5}  # Zaremba et al. 2014, Table 1, small, non-regularized
@@ -665,7 +681,9 @@ def render():
             "when the synthesizer also reads the targets after each boundary (cDNI; below; "
             "why: docs/dni.md): at T = 3 to 5 on repeat copy and at every T on copy with "
             "20,000 updates (there two to five times plain TBPTT's length at T = 3 to 5), with the "
-            "synthetic gradient's cosine with the true future gradient at 0.27 to 0.43; and with "
+            "synthetic gradient's cosine with the true future gradient at 0.27 to 0.45 on copy "
+            "(0.37 to 0.45 at T = 2 and 3) and 0.39 to 0.43 on repeat copy (there under the "
+            "diagnosis before 2026-12-04, which biased it low); and with "
             "BP(lambda) a longer one at T = 4 on both seeds, on copy and on repeat copy, and in "
             "BP(lambda)'s own copy-repeat setting at T = 1 the longest stage of every online "
             "method on both seeds. Plain "
