@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from dni_rnn.app import checkpoint
+from dni_rnn.app.config import Config, bootstrap_and_traces, sg_scale
 from dni_rnn.metrics import read_records
 
 FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
@@ -70,8 +71,10 @@ def row(run_dir):
     metric = summary.get("metric", "")
     best = summary.get(f"best_{metric}", summary.get(f"best_valid_{metric}", ""))
     d = cfg["dni"]
-    beta = d["push_scale"] if d["method"] == "sg-push" else d["sg_scale"]
-    lam = d["bootstrap"] if d["bootstrap"] is not None and d["method"] != "sg-push" else beta
+    c = Config.from_dict(cfg)
+    beta = sg_scale(c)
+    lam = d["bootstrap"] if d["method"] == "bp-lambda" else bootstrap_and_traces(c)[0]
+    lam = beta if lam is None else lam
     return {"recipe": cfg["recipe"], "method": d["method"], "T": cfg["train"]["truncation"],
             "seed": cfg["train"]["seed"], "lr": cfg["optim"]["lr"], "synth_lr": d["synth_lr"],
             "beta": beta, "lambda": lam, "replay": d.get("replay", 0), "metric": metric,

@@ -36,12 +36,11 @@ def main(argv=None):
     if out.exists():
         raise SystemExit(f"{out} exists: pass a new --out")
     shutil.copytree(args.run_dir, out)
-    cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
-    run = Run(cfg, out, resume=True, quiet=True)
     start = ckpt.load(out / "last.pt")["runner"]["step"]
-    run.cfg = validate(apply_overrides(cfg, [f"train.max_steps={start + args.updates}",
-                                             "train.diagnose_every=10", "train.progress=false"]))
-    run.setup()
+    cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
+    cfg = validate(apply_overrides(cfg, [f"train.max_steps={start + args.updates}",
+                                         "train.diagnose_every=10", "train.progress=false"]))
+    run = Run(cfg, out, resume=True, quiet=True).setup()
     for group in run.optimizer.param_groups:
         group["lr"] = args.lr
     run.train().cleanup()

@@ -91,6 +91,11 @@ def fit_random_features(train, width, ridge, seed=0):
         z = st.x(rec["X"])
         return {"X": torch.cat([z, torch.relu(z @ R + b)], 1), 1: rec[1]}
 
+    return fit_lifted(train, lift, ridge)
+
+
+def fit_lifted(train, lift, ridge):
+    """The linear ridge (the refit's solve) on features `lift(record)`."""
     fit = sc.fit_linear([lift(r) for r in train], 1, ridge)
     return lambda rec: fit(lift(rec))
 
@@ -108,8 +113,7 @@ def fit_products(train, rank, ridge):
         prod = ((z[:, :D] @ P)[:, :, None] * z[:, None, D:]).flatten(1)
         return {"X": torch.cat([z, prod], 1), 1: rec[1]}
 
-    fit = sc.fit_linear([lift(r) for r in train], 1, ridge)
-    return lambda rec: fit(lift(rec))
+    return fit_lifted(train, lift, ridge)
 
 
 def fit_mlp(train, width=256, epochs=60, lr=1e-3, seed=0):
