@@ -30,7 +30,11 @@ solves one d x d system. That costs two chunks' products instead of the whole bu
 so float64 rounding cannot build up, and they travel in checkpoints, so a resumed run is
 bit-identical. An MLP's features move with its weights and are recomputed every time. A
 linear synthesizer with a context reads [trigger; context]: the solve is over both, split
-back into its two input layers.
+back into its two input layers. With product features (`dni.products`) it also reads the
+products of the trigger's first principal components with the context; their directions
+are fitted to the buffered triggers whenever the sums are recomputed (so between two
+recomputes the features are fixed data, as the running sums need), and the solve covers
+all three parts.
 
 With `decay` below 1 the refit weighs each chunk by decay^age (age 0: the newest), so the
 fit follows the moving target more closely than a window of equal weights; the rows count
@@ -195,9 +199,12 @@ class SynthReplay:
         W = torch.linalg.solve(A, b) / sd[:, None]  # (features, outputs)
         layer.bias.copy_(scale * g_mean - mu @ W)
         inner = synthesizer.synthesizer if linear else None
-        if linear and inner.input_context is not None:  # rows: [trigger; context]
-            layer.weight.copy_(W[:inner.trigger_dim].T)
-            inner.input_context.weight.copy_(W[inner.trigger_dim:].T)
+        if linear and inner.input_context is not None:  # rows: [trigger; context; products]
+            d, c = inner.trigger_dim, inner.context_dim
+            layer.weight.copy_(W[:d].T)
+            inner.input_context.weight.copy_(W[d:d + c].T)
+            if inner.input_products is not None:
+                inner.input_products.weight.copy_(W[d + c:].T)
         else:
             layer.weight.copy_(W.T)
 
@@ -222,7 +229,11 @@ class SynthReplay:
         G = synthesizer.flatten(nest.unflatten(self.structure, grads)).double()
         inner = synthesizer.synthesizer
         if inner.input_context is not None:
-            X = torch.cat([X, inner.context_features(context, X.dtype)], 1)
+            C = inner.context_features(context, X.dtype)
+            parts = [X, C]
+            if inner.input_products is not None:
+                parts.append(inner.product_features(X, C))
+            X = torch.cat(parts, 1)
         wX = weight * X  # a weight of 1 changes no bit
         return [wX.sum(0), X.T @ wX, wX.T @ G, weight * G.sum(0)]
 
@@ -231,6 +242,11 @@ class SynthReplay:
         up to date."""
         if self.sums is None or self.since_exact >= self.chunks:
             self.sums, self.counted, self.leaving, self.since_exact = None, set(), [], 0
+            inner = synthesizer.synthesizer
+            if inner.input_products is not None:  # the products' directions follow the buffer
+                rows = self.filled * self.width
+                inner.set_product_basis(synthesizer.flatten(nest.unflatten(self.structure, [
+                    b.narrow(d, 0, rows) for b, d in zip(self.states, self._dims)])))
             for j in range(self.filled):
                 m = self._moments(synthesizer, self._rows(j), self._weight(self.added_at[j]))
                 self.sums = m if self.sums is None else [s + x for s, x in zip(self.sums, m)]

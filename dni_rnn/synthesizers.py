@@ -49,12 +49,20 @@ class BasicSynthesizer(nn.Module):
         trigger_dim: size of the trigger's last dimension (default: output_dim).
         context_dim: size of the context; a LongTensor context of class labels is one-hot
             encoded to this size. None: the synthesizer ignores any context.
+        product_rank: a linear synthesizer with a context also reads the products of the
+            trigger's coordinates along `product_rank` directions with every context
+            feature (`product_features`); the directions start at zero (no products) and are
+            set by `set_product_basis`, which a refit calls. 0: off.
     """
 
-    def __init__(self, output_dim, n_hidden=0, hidden_dim=None, trigger_dim=None, context_dim=None):
+    def __init__(self, output_dim, n_hidden=0, hidden_dim=None, trigger_dim=None, context_dim=None,
+                 product_rank=0):
         super().__init__()
         if n_hidden < 0:
             raise ValueError(f"n_hidden must be >= 0, got {n_hidden}")
+        if product_rank < 0 or (product_rank and (n_hidden or not context_dim)):
+            raise ValueError(f"product_rank={product_rank} needs a linear synthesizer "
+                             "(n_hidden=0) with a context_dim, and must be >= 0")
         self.output_dim = output_dim
         self.trigger_dim = trigger_dim or output_dim
         self.context_dim = context_dim
@@ -63,6 +71,13 @@ class BasicSynthesizer(nn.Module):
         self.input_trigger = nn.Linear(self.trigger_dim, first_dim)
         # the context enters the first layer additively: the same as concatenating it
         self.input_context = nn.Linear(context_dim, first_dim, bias=False) if context_dim else None
+        self.product_rank = int(product_rank)
+        self.input_products = None
+        if product_rank:
+            self.input_products = nn.Linear(product_rank * context_dim, first_dim, bias=False)
+            self.register_buffer("product_mean", torch.zeros(self.trigger_dim))
+            self.register_buffer("product_scale", torch.ones(self.trigger_dim))
+            self.register_buffer("product_basis", torch.zeros(self.trigger_dim, product_rank))
         self.hidden = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(n_hidden - 1))
         self.output = nn.Linear(hidden_dim, output_dim) if n_hidden > 0 else None
         self.zero_output_()
@@ -75,6 +90,8 @@ class BasicSynthesizer(nn.Module):
         nn.init.zeros_(last.bias)
         if self.output is None and self.input_context is not None:
             nn.init.zeros_(self.input_context.weight)
+        if self.input_products is not None:
+            nn.init.zeros_(self.input_products.weight)
 
     def forward(self, trigger, context=None):
         if self.output is None:
@@ -112,8 +129,38 @@ class BasicSynthesizer(nn.Module):
                     "BasicSynthesizer was built with context_dim but got no context; "
                     "wrap the calls in dni.synthesizer_context(context)"
                 )
-            x = x + self.input_context(self.context_features(context, trigger.dtype))
+            features = self.context_features(context, trigger.dtype)
+            x = x + self.input_context(features)
+            if self.input_products is not None:
+                x = x + self.input_products(self.product_features(trigger, features))
         return x
+
+    def product_features(self, trigger, context_features):
+        """`(..., product_rank * context_dim)`: the standardised trigger's coordinates along
+        `product_basis`, each times every context feature. A copy task's future gradient
+        carries the readout's error, state against target: a product that no linear map of
+        [trigger; context] can form."""
+        dtype = trigger.dtype
+        z = ((trigger - self.product_mean.to(dtype)) / self.product_scale.to(dtype)) \
+            @ self.product_basis.to(dtype)
+        return (z[..., :, None] * context_features[..., None, :]).flatten(-2)
+
+    @torch.no_grad()
+    def set_product_basis(self, triggers):
+        """Fit `product_features`' directions to the rows `triggers` `(N, trigger_dim)`: their
+        mean and standard deviation, and the first `product_rank` principal directions of
+        the standardised rows (zero where there are fewer rows)."""
+        x = triggers.double()
+        mean = x.mean(0)
+        sd = x.std(0) if len(x) > 1 else torch.zeros_like(mean)
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        directions = torch.linalg.svd((x - mean) / sd, full_matrices=False).Vh
+        basis = torch.zeros_like(self.product_basis, dtype=x.dtype)
+        rank = min(self.product_rank, directions.shape[0])
+        basis[:, :rank] = directions[:rank].T
+        for buf, value in ((self.product_mean, mean), (self.product_scale, sd),
+                           (self.product_basis, basis)):
+            buf.copy_(value)
 
     def context_features(self, context, dtype):
         """The context as `input_context` reads it: class labels one-hot encoded."""
@@ -151,10 +198,11 @@ class StateSynthesizer(nn.Module):
         self.batch_dim = batch_dim
 
     @classmethod
-    def mlp(cls, state_dim, n_hidden=1, hidden_dim=None, context_dim=None, batch_dim=None):
+    def mlp(cls, state_dim, n_hidden=1, hidden_dim=None, context_dim=None, batch_dim=None,
+            product_rank=0):
         """A StateSynthesizer around a `BasicSynthesizer(state_dim, n_hidden, ...)`."""
         inner = BasicSynthesizer(state_dim, n_hidden=n_hidden, hidden_dim=hidden_dim,
-                                 context_dim=context_dim)
+                                 context_dim=context_dim, product_rank=product_rank)
         return cls(inner, batch_dim=batch_dim)
 
     def zero_output_(self):

@@ -32,20 +32,22 @@ FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "
 
 
 def synth_name(cfg):
-    """The synthesizer's shape: "linear", "mlp 1x1024" (hidden layers x units) or "gru 64"."""
+    """The synthesizer's shape: "linear", "linear + products 8" (`dni.products`), "mlp 1x1024"
+    (hidden layers x units) or "gru 64"."""
     d, m = cfg["dni"], cfg["model"]
     state = m["hidden_dim"] * m["num_layers"] * (2 if m.get("cell", "lstm") == "lstm" else 1)
     if d.get("synthesizer", "mlp") == "gru":
         return f"gru {d['synth_hidden'] or state}"
     if d["synth_layers"] == 0:
-        return "linear"
+        return f"linear + products {d['products']}" if d.get("products") else "linear"
     return f"mlp {d['synth_layers']}x{d['synth_hidden'] or state}"
 
 
 def synth_parameters(run_dir):
     """The synthesizer's parameters, counted in the run's last checkpoint."""
     saved = checkpoint.load(checkpoint.find(run_dir, prefer=("last.pt", "best.pt")))
-    return sum(t.numel() for t in (saved.get("synthesizer") or {}).values())
+    return sum(t.numel() for k, t in (saved.get("synthesizer") or {}).items()
+               if not k.rsplit(".", 1)[-1].startswith("product_"))  # buffers, not parameters
 
 
 def _mean(values):

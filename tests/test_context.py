@@ -313,3 +313,117 @@ def test_cosine_csv_reads_the_second_half_and_names_the_synthesizer(tmp_path):
                                           "synth_hidden": 0},
                                   "model": {"cell": "lstm", "hidden_dim": 512,
                                             "num_layers": 1}}) == "mlp 1x1024"
+
+
+def test_product_features_are_the_states_components_times_the_context():
+    """A linear synthesizer with products reads [trigger; context; (z P) x context]: z the
+    trigger standardised over the rows its basis was fitted to, P their first principal
+    directions. Before any basis is set the products are zero and the message is the
+    synthesizer's without them."""
+    g = torch.Generator().manual_seed(4)
+    plain = dni.StateSynthesizer.mlp(6, n_hidden=0, context_dim=3).double()
+    synth = dni.StateSynthesizer.mlp(6, n_hidden=0, context_dim=3, product_rank=2).double()
+    inner = synth.synthesizer
+    with torch.no_grad():
+        for p in synth.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        plain.load_state_dict({k: v for k, v in synth.state_dict().items()
+                               if "product" not in k})
+    s = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    c = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    assert torch.equal(synth(s, c), plain(s, c))
+    rows = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.arange(1.0, 7.0)
+    inner.set_product_basis(rows)
+    z = (rows - rows.mean(0)) / rows.std(0)
+    values, vectors = torch.linalg.eigh(z.T @ z)
+    top = vectors[:, values.argsort(descending=True)[:2]]
+    torch.testing.assert_close((inner.product_basis.T @ top).abs(), torch.eye(2, dtype=z.dtype),
+                               rtol=0, atol=1e-10)
+    zs = (s - rows.mean(0)) / rows.std(0) @ inner.product_basis
+    products = (zs[:, :, None] * c[:, None, :]).flatten(1)  # (5, 2 * 3)
+    expected = s @ inner.input_trigger.weight.T + inner.input_trigger.bias \
+        + c @ inner.input_context.weight.T + products @ inner.input_products.weight.T
+    torch.testing.assert_close(synth(s, c), expected, rtol=1e-12, atol=1e-12)
+    inner.zero_output_()
+    assert not synth(s, c).any()
+    with pytest.raises(ValueError, match="product_rank=2 needs a linear synthesizer"):
+        dni.StateSynthesizer.mlp(6, n_hidden=1, context_dim=3, product_rank=2)
+    with pytest.raises(ValueError, match="product_rank=2 needs a linear synthesizer"):
+        dni.StateSynthesizer.mlp(6, n_hidden=0, product_rank=2)
+
+
+def test_refit_with_products_solves_the_ridge_regression_and_keeps_exact_running_sums():
+    """The refit fits the products' basis to the buffered triggers whenever it recomputes
+    its sums, and its three input layers together minimise the standardised ridge objective
+    over [trigger; context; products]; the running sums between two recomputes equal the
+    sums over the buffer's rows with the basis in force."""
+    ridge, scale, chunks = 0.05, 2.0, 3
+    buffer = dni.replay.SynthReplay(steps=0, chunks=chunks, ridge=ridge)
+    g = torch.Generator().manual_seed(1)
+    draw = lambda: tuple(torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+                         for _ in range(2))
+    synth = dni.StateSynthesizer.mlp(12, n_hidden=0, context_dim=5, product_rank=3).double()
+    inner = synth.synthesizer
+    bases = []
+    for _ in range(8):
+        buffer.add(draw(), draw(), torch.randn(4, 5, generator=g, dtype=torch.float64))
+        buffer.refit(synth, scale)
+        bases.append((inner.product_basis.clone(), buffer.since_exact == 0))
+        rows = buffer.filled * buffer.width
+        keep = lambda bufs: tuple(b[:, :rows] for b in bufs)
+        S, context = synth.flatten(keep(buffer.states)), buffer.contexts[:rows]
+        X = torch.cat([S, context, inner.product_features(S, context)], 1)
+        G = synth.flatten(keep(buffer.grads))
+        for kept, expected in zip(buffer.sums, [X.sum(0), X.T @ X, X.T @ G, G.sum(0)]):
+            torch.testing.assert_close(kept, expected, rtol=1e-12, atol=1e-12)
+    for (before, _), (after, recomputed) in zip(bases, bases[1:]):  # fitted with the sums
+        assert torch.equal(before, after) != recomputed
+    assert sum(recomputed for _, recomputed in bases) == 2  # the 1st refit and the 5th
+    Y = scale * G
+    W = torch.cat([inner.input_trigger.weight, inner.input_context.weight,
+                   inner.input_products.weight], 1).detach().clone().requires_grad_()
+    b = inner.input_trigger.bias.detach().clone().requires_grad_()
+    sd = X.std(0)
+    objective = (X @ W.T + b - Y).pow(2).sum() + ridge * rows * (W * sd).pow(2).sum()
+    gW, gb = torch.autograd.grad(objective, (W, b))
+    assert gW.abs().max() < 1e-9 * Y.abs().max() * rows and gb.abs().max() < 1e-9 * rows
+    with torch.no_grad():
+        message = synth.flatten(synth(keep(buffer.states), context))
+    torch.testing.assert_close(message, X @ W.detach().T + b.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_config_products_train_resume_and_are_refused_without_the_linear_refit(tmp_path):
+    """dni.products on the cDNI copy recipe: the synthesizer reads the products, the basis
+    and running sums travel in the checkpoint (6 + 6 updates are 12), and settings that
+    cannot fit them are refused in one line."""
+    import dni_rnn.app.checkpoint as ckpt
+    from dni_rnn.app.training import train
+    over = ["task.start_length=3", "train.diagnose_every=0", "dni.products=4"]
+    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "whole", quiet=True)
+    train(load_recipe("copy-cdni-smoke", over + ["train.max_steps=6"]),
+          out_dir=tmp_path / "cut", quiet=True)
+    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "cut", resume=True,
+          quiet=True)
+    whole, cut = (ckpt.load(tmp_path / d / "last.pt") for d in ("whole", "cut"))
+    assert whole["synthesizer"]["synthesizer.input_products.weight"].abs().sum() > 0
+    assert whole["synthesizer"]["synthesizer.product_basis"].abs().sum() > 0
+    for part in ("model", "synthesizer"):
+        for k, v in whole[part].items():
+            assert torch.equal(v, cut[part][k]), (part, k)
+    import json
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "experiments"))
+    import cosine_csv  # the sweep tables name the synthesizer and count its parameters
+    from dni_rnn.app.run import Run
+    synth = Run(load_recipe("copy-cdni-smoke", over), tmp_path / "whole", resume=True,
+                quiet=True).setup().synth
+    assert cosine_csv.synth_parameters(tmp_path / "whole") == \
+        sum(p.numel() for p in synth.parameters())
+    cfg = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert cosine_csv.synth_name(cfg) == "linear + products 4"
+    for bad in (["dni.refit=0"], ["dni.synth_layers=1"], ["dni.context=none"]):
+        with pytest.raises(ConfigError, match="dni.products=4 needs the linear refit cDNI"):
+            load_recipe("copy-cdni-smoke", ["dni.products=4"] + bad)
+    with pytest.raises(ConfigError, match="dni.products must be >= 0"):
+        load_recipe("copy-cdni-smoke", ["dni.products=-1"])

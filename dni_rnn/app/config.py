@@ -190,6 +190,10 @@ class DNIConfig:
                               "copy tasks; none: the state alone; docs/dni.md)", CONTEXTS)
     context_steps: int = _f(0, "how many steps after a boundary the cDNI context covers (0: "
                                "train.truncation)")
+    products: int = _f(0, "cDNI with a linear refit synthesizer: also read the products of "
+                          "the state's first this-many principal components (of the replay "
+                          "buffer, refreshed every dni.replay_chunks refits) with every context "
+                          "feature (0: off; docs/dni.md)")
 
 
 @dataclass
@@ -451,6 +455,11 @@ def validate(cfg):
     need(0 < cfg.dni.refit_decay <= 1,
          f"dni.refit_decay must lie in (0, 1] (1: equal weights), got {cfg.dni.refit_decay}")
     need(cfg.dni.sg_cap >= 0, f"dni.sg_cap must be >= 0 (0: no cap), got {cfg.dni.sg_cap}")
+    need(cfg.dni.products >= 0, f"dni.products must be >= 0 (0: off), got {cfg.dni.products}")
+    need(not cfg.dni.products or (cfg.dni.context != "none" and cfg.dni.synth_layers == 0
+                                  and cfg.dni.refit > 0 and cfg.dni.synthesizer == "mlp"),
+         f"dni.products={cfg.dni.products} needs the linear refit cDNI synthesizer: "
+         "dni.context set, dni.synth_layers=0 and dni.refit > 0 (or dni.products=0)")
     _validate_bp_lambda(cfg.dni, need)
     _validate_sg_push(cfg.dni, need)
     target_scale(cfg)

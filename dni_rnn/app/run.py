@@ -113,14 +113,14 @@ def build_synthesizers(cfg, model, context_dim=None):
     d = state_dim(model.init_state(1))
     width = cfg.dni.synth_hidden or None
 
-    def mlp():
+    def mlp(products=0):
         return StateSynthesizer.mlp(d, n_hidden=cfg.dni.synth_layers, hidden_dim=width,
-                                    context_dim=context_dim)
+                                    context_dim=context_dim, product_rank=products)
 
-    aux = mlp() if cfg.dni.method == "dni-aux" else None
+    aux = mlp() if cfg.dni.method == "dni-aux" else None  # learnt by SGD: no refit, no products
     if cfg.dni.synthesizer == "gru":
         return RecurrentSynthesizer(d, hidden_dim=width), aux
-    return mlp(), aux
+    return mlp(cfg.dni.products), aux
 
 
 def build_optimizers(cfg, model, synth, aux):
