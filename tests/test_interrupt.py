@@ -141,3 +141,55 @@ def test_an_ignored_sigint_stays_ignored_and_handlers_come_back():
         assert stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     assert signal.getsignal(signal.SIGTERM) == term
+
+
+def _children(pid):
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_a_sweep_stopped_by_sigterm_to_its_parent_alone_stops_its_workers_and_resumes(tmp_path):
+    """A scheduler's SIGTERM reaches `dni-rnn compare` but not its workers: the two runs in
+    progress still save last.pt, the runs not begun are not started, no worker outlives the
+    sweep, it exits 143 naming what it saved, and the same command finishes the sweep."""
+    out = tmp_path / "sweep"
+    args = ["compare", "copy-smoke", "--truncations", "2,3", "--methods", "bptt", "--seeds",
+            "1,2", "--budget-updates", "1000", "--jobs", "2", "--out", str(out),
+            *(a for o in ["model.hidden_dim=16", "data.batch_size=4", "task.eval_sequences=8",
+                          "task.threshold=100"] for a in ("--set", o))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "dni_rnn", *args], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = [out / "bptt-T2-s1", out / "bptt-T2-s2"]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all((d / "metrics.jsonl").is_file() for d in first):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    workers = [c for c in _children(p.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    line = err.strip().splitlines()[-1]
+    assert "sweep stopped by SIGTERM" in line and "run the same command again" in line, err
+    for d in first:
+        assert str(d / "last.pt") in line and not (d / "summary.json").exists()
+        assert ckpt.load(d / "last.pt")["runner"]["step"] < 1000
+    assert not (out / "bptt-T3-s1").exists() and not (out / "bptt-T3-s2").exists()
+    assert len(workers) == 2
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
+    again = subprocess.run([sys.executable, "-m", "dni_rnn", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    for name in ("bptt-T2-s1", "bptt-T2-s2", "bptt-T3-s1", "bptt-T3-s2"):
+        assert (out / name / "summary.json").is_file()

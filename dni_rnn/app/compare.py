@@ -28,14 +28,17 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..metrics import read_records
 from .config import Config, ConfigError, METHODS, validate
+from .stopping import RunInterrupted, StopSignals, SweepInterrupted
 from .tasks import summary_metric
 from .training import train
 
@@ -216,31 +219,73 @@ def _train_job(config, run_dir, data_dir):
 
 def _parallel(plan, pending, jobs, data_dir, say, progress_every):
     """Train `pending` runs `jobs` at a time, cores / jobs threads each; progress lines.
-    Returns {run directory: summary}."""
+    Returns {run directory: summary}.
+
+    At most `jobs` runs are handed to the pool at once, so a stopped sweep starts nothing
+    new. SIGINT or SIGTERM to this process (or one that stops a worker, as Ctrl-C in a
+    terminal does) is passed to every worker: each running run finishes its update, saves
+    last.pt and stops, and the sweep raises `SweepInterrupted`. A run that fails stops the
+    others the same way (SIGTERM) before its error is raised."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     say(f"{len(pending)} runs, {jobs} at a time, {threads} torch thread(s) each")
-    done = {}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {}
-        for d in pending:
+    done, queue, running, stopped = {}, list(pending), {}, []
+    error, signum = None, None
+    with StopSignals() as signals, \
+            ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def submit():
+            d = queue.pop(0)
             c = copy.deepcopy(plan.configs[d])
             c.train.threads, c.train.progress = threads, False
-            futures[pool.submit(_train_job, c.to_dict(), str(d), data_dir)] = d
-        waiting, last = set(futures), time.monotonic()
-        while waiting:
-            finished, waiting = wait(waiting, timeout=min(progress_every, 5.0),
-                                     return_when=FIRST_COMPLETED)
+            running[pool.submit(_train_job, c.to_dict(), str(d), data_dir)] = d
+
+        def stop(sig):
+            nonlocal signum
+            if signum is None:
+                signum = sig
+                queue.clear()
+                for process in list(pool._processes.values()):  # noqa: SLF001 (no public list)
+                    if process.is_alive():
+                        os.kill(process.pid, sig)
+
+        while queue and len(running) < jobs:
+            submit()
+        last = time.monotonic()
+        while running:
+            finished, _ = wait(running, timeout=min(progress_every, 1.0),
+                               return_when=FIRST_COMPLETED)
+            if signals.signum is not None:
+                stop(signals.signum)
             for f in finished:
-                d = futures[f]
-                done[d] = f.result()  # a failed run raises here, naming its error
+                d = running.pop(f)
+                try:
+                    done[d] = f.result()
+                except RunInterrupted as e:  # it saved: a signal reached it
+                    stopped.append(d)
+                    stop(e.signum)
+                    continue
+                except BrokenProcessPool:
+                    if signum is None:  # a worker died (killed, out of memory)
+                        raise
+                    stopped.append(d)
+                    continue
+                except Exception as e:  # a failed run: stop the others, then raise it
+                    error = error or e
+                    stop(signal.SIGTERM)
+                    continue
                 say(f"{plan.label(d)}: done in {done[d]['elapsed_s']:.0f}s -> {d}")
+                if queue:
+                    submit()
             if time.monotonic() - last >= progress_every:
                 last = time.monotonic()
-                for f in waiting:
-                    d = futures[f]
+                for d in running.values():
                     line = _progress_line(d, (plan.budget, plan.unit))
                     if line:
                         say(f"{plan.label(d)}: {line} -> {d}")
+    if error is not None:
+        raise error
+    if signum is not None:
+        raise SweepInterrupted(signum, stopped)
     return done
 
 

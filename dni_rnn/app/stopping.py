@@ -30,6 +30,21 @@ class RunInterrupted(Exception):
         return type(self), (self.signum, self.step, self.checkpoint)
 
 
+class SweepInterrupted(RunInterrupted):
+    """A sweep (`dni-rnn compare --jobs`) stopped on a signal: the runs it was training
+    (`stopped`, their directories) saved last.pt, and nothing new was started."""
+
+    def __init__(self, signum, stopped):
+        self.signum, self.stopped = signum, list(stopped)
+        self.step, self.checkpoint = None, None
+        self.status = 128 + int(signum)
+        saved = ", ".join(str(d / "last.pt") for d in self.stopped) or "no run was under way"
+        Exception.__init__(self, f"sweep stopped by {signal.Signals(signum).name}; saved {saved}")
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.stopped)
+
+
 class RankLost(ConnectionError):
     """Under torchrun another process of the run died, and a collective of this one failed.
     A ConnectionError (an OSError), so the command line prints its one line on every rank
