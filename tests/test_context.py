@@ -223,9 +223,14 @@ def test_config_context_steps_sets_the_window_past_the_truncation(tmp_path):
 
 def test_a_cdni_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
     """The replay buffer's contexts travel in the checkpoint: 6 + 6 updates are 12."""
+    _stopped_and_resumed_equals_whole(tmp_path, ["task.start_length=3",
+                                                 "train.diagnose_every=0"])
+
+
+def _stopped_and_resumed_equals_whole(tmp_path, over):
+    """Train copy-cdni-smoke whole and as 6 updates resumed to the end; both checkpoints."""
     import dni_rnn.app.checkpoint as ckpt
     from dni_rnn.app.training import train
-    over = ["task.start_length=3", "train.diagnose_every=0"]
     train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "whole", quiet=True)
     train(load_recipe("copy-cdni-smoke", over + ["train.max_steps=6"]),
           out_dir=tmp_path / "cut", quiet=True)
@@ -235,6 +240,7 @@ def test_a_cdni_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
     for part in ("model", "synthesizer"):
         for k, v in whole[part].items():
             assert torch.equal(v, cut[part][k]), (part, k)
+    return whole
 
 
 def test_bp_lambda_traces_refuse_a_context_in_one_line():
@@ -396,20 +402,10 @@ def test_config_products_train_resume_and_are_refused_without_the_linear_refit(t
     """dni.products on the cDNI copy recipe: the synthesizer reads the products, the basis
     and running sums travel in the checkpoint (6 + 6 updates are 12), and settings that
     cannot fit them are refused in one line."""
-    import dni_rnn.app.checkpoint as ckpt
-    from dni_rnn.app.training import train
     over = ["task.start_length=3", "train.diagnose_every=0", "dni.products=4"]
-    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "whole", quiet=True)
-    train(load_recipe("copy-cdni-smoke", over + ["train.max_steps=6"]),
-          out_dir=tmp_path / "cut", quiet=True)
-    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "cut", resume=True,
-          quiet=True)
-    whole, cut = (ckpt.load(tmp_path / d / "last.pt") for d in ("whole", "cut"))
+    whole = _stopped_and_resumed_equals_whole(tmp_path, over)
     assert whole["synthesizer"]["synthesizer.input_products.weight"].abs().sum() > 0
     assert whole["synthesizer"]["synthesizer.product_basis"].abs().sum() > 0
-    for part in ("model", "synthesizer"):
-        for k, v in whole[part].items():
-            assert torch.equal(v, cut[part][k]), (part, k)
     import json
     import sys
     from conftest import REPO
