@@ -306,34 +306,50 @@ def section_cdni(task, budget, out, chunks=64, plain=None, name=None, plain_swee
     return "\n".join(text + versus_plain(rows, "dni", "cDNI", name))
 
 
-def section_cdni_aux():
-    name = "copy-cdni-aux-20k.csv"
-    out = "runs/compare-copy-cdni256-aux-20k"
-    text = ["### copy, cDNI + Aux", "",
-            "The cDNI setting of the 20,000-update sweep above (256 chunks refitted) with the "
-            "paper's auxiliary loss (`dni.method=dni-aux`), seeds 1 and 2 (T = 3 and 5 first, "
-            "the two T where cDNI's `cos_k1` fell short of 0.3 on a seed). Plain TBPTT and cDNI "
-            "are the runs of `copy-cdni-256-20k.csv` (the same budget).", "",
-            f"    dni-rnn compare copy --truncations 2,3,4,5 --methods dni-aux --seeds 1,2 "
-            f"--budget-updates 20000 --jobs 2 --out {out} {cdni_sets(256)}",
+def section_cdni_variant(title, intro, name, out, method, sets, label):
+    """A section on one change to the 20,000-update cDNI setting (256 chunks refitted):
+    its runs (`method`, in `name`) beside plain TBPTT and cDNI from copy-cdni-256-20k.csv."""
+    text = [f"### copy, {title}", "", intro + " Plain TBPTT and cDNI are the runs of "
+            "`copy-cdni-256-20k.csv` (the same budget).", "",
+            f"    dni-rnn compare copy --truncations 2,3,4,5 --methods {method} --seeds 1,2 "
+            f"--budget-updates 20000 --jobs 2 --out {out} {sets}",
             f"    python experiments/cosine_csv.py {out}/*-T*-s* --out docs/results/{name}", ""]
     rows, base = read(name), read("copy-cdni-256-20k.csv")
     if rows is None or base is None:
         return "\n".join(text + [pending(name)])
-    best = {**by_method_T(base, "best"), **by_method_T(rows, "best")}
-    cos = {**by_method_T(base, "cos_k1"), **by_method_T(rows, "cos_k1")}
+    best, cos = by_method_T(base, "best"), by_method_T(base, "cos_k1")
+    new_best, new_cos = by_method_T(rows, "best"), by_method_T(rows, "cos_k1")
     length = lambda v: str(int(v))
     cosine = lambda v: f"{v:.2f}" if v is not None else "-"
     body = [[f"T={T}", per_seed(best.get(("bptt", T), {}), length),
              per_seed(best.get(("dni", T), {}), length), per_seed(cos.get(("dni", T), {}), cosine),
-             per_seed(best.get(("dni-aux", T), {}), length),
-             per_seed(cos.get(("dni-aux", T), {}), cosine)]
+             per_seed(new_best.get((method, T), {}), length),
+             per_seed(new_cos.get((method, T), {}), cosine)]
             for T in sorted({int(r["T"]) for r in rows})]
     return "\n".join(text + [
         "Longest length solved and `cos_k1` per seed (seed 1 / seed 2):", "",
-        table(["T", "plain TBPTT", "cDNI", "cDNI cos_k1", "cDNI + Aux", "cDNI + Aux cos_k1"],
-              body), "", recoveries(rows) + " cDNI: " + cos_rule("copy-cdni-256-20k.csv")
-        + " cDNI + Aux: " + cos_rule(name), ""])
+        table(["T", "plain TBPTT", "cDNI", "cDNI cos_k1", label, f"{label} cos_k1"], body), "",
+        recoveries(rows) + " cDNI: " + cos_rule("copy-cdni-256-20k.csv") + f" {label}: "
+        + cos_rule(name), ""])
+
+
+def section_cdni_aux():
+    return section_cdni_variant(
+        "cDNI + Aux", "The cDNI setting of the 20,000-update sweep above (256 chunks "
+        "refitted) with the paper's auxiliary loss (`dni.method=dni-aux`), seeds 1 and 2 "
+        "(T = 3 and 5 first, the two T where cDNI's `cos_k1` fell short of 0.3 on a seed).",
+        "copy-cdni-aux-20k.csv", "runs/compare-copy-cdni256-aux-20k", "dni-aux",
+        cdni_sets(256), "cDNI + Aux")
+
+
+def section_cdni_products():
+    return section_cdni_variant(
+        "cDNI with products of state and targets", "The cDNI setting of the 20,000-update "
+        "sweep above (256 chunks refitted) whose linear synthesizer also reads the products "
+        "of the state's first 8 principal components with every target feature "
+        "(`dni.products=8`; docs/dni.md, point 15), seeds 1 and 2.",
+        "copy-cdni-products8-20k.csv", "runs/compare-copy-cdni256-prod8-20k", "dni",
+        cdni_sets(256) + " --set dni.products=8", "cDNI + products")
 
 
 def section_bplambda(task="copy", out="runs/compare-copy-bplambda",
@@ -529,7 +545,7 @@ def synth_size_table(rows, plain, plain_speed, metric, fmt, model_params, earlie
 
 
 # copy-task sweeps whose cos_k1 was measured at the boundaries with a future gradient only
-REDIAGNOSED = {"copy-cdni-256-20k.csv"}
+REDIAGNOSED = {"copy-cdni-256-20k.csv", "copy-cdni-products8-20k.csv"}
 
 
 def cos_rule(name):
@@ -698,7 +714,7 @@ def render():
              section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni-20k"),
              section_cdni("repeat-copy", 20000, "runs/compare-repeat-copy-cdni256-20k",
                           chunks=256, plain="runs/compare-repeat-copy-cdni-20k"),
-             section_cdni_aux(), section_bplambda(),
+             section_cdni_aux(), section_cdni_products(), section_bplambda(),
              section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
                               "runs/compare-repeat-copy-cdni"),
              section_bplambda_char(), section_their_copy_repeat(), section_char_synth(),
