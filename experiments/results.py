@@ -326,6 +326,10 @@ def section_cdni_variant(title, intro, name, out, method, sets, label):
              per_seed(new_best.get((method, T), {}), length),
              per_seed(new_cos.get((method, T), {}), cosine)]
             for T in sorted({int(r["T"]) for r in rows})]
+    missing = sorted({2, 3, 4, 5} - {int(r["T"]) for r in rows})
+    if missing:
+        text += [f"The runs at T = {', '.join(map(str, missing))} are not finished yet (the "
+                 "sweep resumes when its command is run again).", ""]
     return "\n".join(text + [
         "Longest length solved and `cos_k1` per seed (seed 1 / seed 2):", "",
         table(["T", "plain TBPTT", "cDNI", "cDNI cos_k1", label, f"{label} cos_k1"], body), "",
