@@ -30,9 +30,9 @@ import multiprocessing
 import os
 import signal
 import statistics
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,12 +209,36 @@ def write_report(plan, say=print):
     return rows
 
 
+_stop_asked = None  # in a worker: the sweep's event, set when the sweep stops
+
+
+def _init_worker(stop_asked):
+    global _stop_asked
+    _stop_asked = stop_asked
+
+
 def _train_job(config, run_dir, data_dir):
     """One sweep run in a worker process (spawned: no state shared with the parent)."""
     c = validate(Config.from_dict(config))
     run_dir = Path(run_dir)
-    return train(c, out_dir=run_dir, resume=(run_dir / "last.pt").is_file(), data_dir=data_dir,
-                 quiet=True)
+    finished = threading.Event()
+    if _stop_asked is not None:
+        threading.Thread(target=_relay_stop, args=(finished,), daemon=True).start()
+    try:
+        return train(c, out_dir=run_dir, resume=(run_dir / "last.pt").is_file(),
+                     data_dir=data_dir, quiet=True)
+    finally:
+        finished.set()
+
+
+def _relay_stop(finished):
+    """In a worker: when the sweep stops, send this process the SIGTERM that stops its run
+    (once the run has installed its handler, so one still setting up stops at its first
+    update instead of dying)."""
+    while not finished.is_set():
+        if _stop_asked.wait(0.2) and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _parallel(plan, pending, jobs, data_dir, say, progress_every):
@@ -222,16 +246,18 @@ def _parallel(plan, pending, jobs, data_dir, say, progress_every):
     Returns {run directory: summary}.
 
     At most `jobs` runs are handed to the pool at once, so a stopped sweep starts nothing
-    new. SIGINT or SIGTERM to this process (or one that stops a worker, as Ctrl-C in a
-    terminal does) is passed to every worker: each running run finishes its update, saves
-    last.pt and stops, and the sweep raises `SweepInterrupted`. A run that fails stops the
-    others the same way (SIGTERM) before its error is raised."""
+    new. SIGINT or SIGTERM to this process (or one that stops a worker's run, as Ctrl-C in
+    a terminal does) stops every running run: each finishes its update, saves last.pt and
+    stops, and the sweep raises `SweepInterrupted`. A run that fails stops the others the
+    same way before its error is raised."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     say(f"{len(pending)} runs, {jobs} at a time, {threads} torch thread(s) each")
     done, queue, running, stopped = {}, list(pending), {}, []
     error, signum = None, None
-    with StopSignals() as signals, \
-            ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    stop_asked = context.Event()
+    with StopSignals() as signals, ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_init_worker, initargs=(stop_asked,)) as pool:
 
         def submit():
             d = queue.pop(0)
@@ -244,9 +270,7 @@ def _parallel(plan, pending, jobs, data_dir, say, progress_every):
             if signum is None:
                 signum = sig
                 queue.clear()
-                for process in list(pool._processes.values()):  # noqa: SLF001 (no public list)
-                    if process.is_alive():
-                        os.kill(process.pid, sig)
+                stop_asked.set()
 
         while queue and len(running) < jobs:
             submit()
@@ -263,11 +287,6 @@ def _parallel(plan, pending, jobs, data_dir, say, progress_every):
                 except RunInterrupted as e:  # it saved: a signal reached it
                     stopped.append(d)
                     stop(e.signum)
-                    continue
-                except BrokenProcessPool:
-                    if signum is None:  # a worker died (killed, out of memory)
-                        raise
-                    stopped.append(d)
                     continue
                 except Exception as e:  # a failed run: stop the others, then raise it
                     error = error or e
