@@ -235,8 +235,8 @@ def _relay_stop(finished):
     """In a worker: when the sweep stops, send this process the SIGTERM that stops its run
     (once the run has installed its handler, so one still setting up stops at its first
     update instead of dying)."""
-    while not finished.is_set():
-        if _stop_asked.wait(0.2) and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    while not finished.wait(0.2):
+        if _stop_asked.is_set() and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             os.kill(os.getpid(), signal.SIGTERM)
             return
 
