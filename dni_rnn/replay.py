@@ -180,11 +180,9 @@ class SynthReplay:
             sx, sxx, sxg, sg = self._running_sums(synthesizer)
         else:
             rows = self.filled * self.width
-            keep = lambda bufs: nest.unflatten(self.structure, [
-                b.narrow(d, 0, rows) for b, d in zip(bufs, self._dims)])
             context = self.contexts[:rows] if self.contexts is not None else None
-            features, layer = synthesizer.features(keep(self.states), context)
-            X, G = features.double(), synthesizer.flatten(keep(self.grads)).double()
+            features, layer = synthesizer.features(self._filled(self.states), context)
+            X, G = features.double(), synthesizer.flatten(self._filled(self.grads)).double()
             w = self._row_weights(X)  # all 1 (exactly) when the decay is off
             wX = X * w
             sx, sxx, sxg, sg = wX.sum(0), X.T @ wX, wX.T @ G, (G * w).sum(0)
@@ -207,6 +205,12 @@ class SynthReplay:
                 inner.input_products.weight.copy_(W[d + c:].T)
         else:
             layer.weight.copy_(W.T)
+
+    def _filled(self, bufs):
+        """The filled rows of buffers `bufs` (states or gradients), as a state (views)."""
+        rows = self.filled * self.width
+        return nest.unflatten(self.structure, [b.narrow(d, 0, rows)
+                                               for b, d in zip(bufs, self._dims)])
 
     def _rows(self, j, clone=False):
         """Chunk slot j's (states, gradients, context), views into the buffer or copies."""
@@ -244,9 +248,7 @@ class SynthReplay:
             self.sums, self.counted, self.leaving, self.since_exact = None, set(), [], 0
             inner = synthesizer.synthesizer
             if inner.input_products is not None:  # the products' directions follow the buffer
-                rows = self.filled * self.width
-                inner.set_product_basis(synthesizer.flatten(nest.unflatten(self.structure, [
-                    b.narrow(d, 0, rows) for b, d in zip(self.states, self._dims)])))
+                inner.set_product_basis(synthesizer.flatten(self._filled(self.states)))
             for j in range(self.filled):
                 m = self._moments(synthesizer, self._rows(j), self._weight(self.added_at[j]))
                 self.sums = m if self.sums is None else [s + x for s, x in zip(self.sums, m)]

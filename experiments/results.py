@@ -300,10 +300,16 @@ def section_cdni(task, budget, out, chunks=64, plain=None, name=None, plain_swee
         return "\n".join(text + [pending(name)])
     missing = sorted({int(r["T"]) for r in rows} - {int(r["T"]) for r in rows
                                                    if r["method"] == "dni"})
-    if missing:
-        text += ["cDNI's runs at T=" + ", ".join(map(str, missing)) + " are not finished yet "
-                 "(the sweep resumes when its command is run again).", ""]
+    text += unfinished("cDNI's runs at T=", missing)
     return "\n".join(text + versus_plain(rows, "dni", "cDNI", name))
+
+
+def unfinished(prefix, truncations):
+    """The lines saying which T of a sweep are not finished (none when all are)."""
+    if not truncations:
+        return []
+    return [prefix + ", ".join(map(str, truncations)) + " are not finished yet (the sweep "
+            "resumes when its command is run again).", ""]
 
 
 def section_cdni_variant(title, intro, name, out, method, sets, label):
@@ -327,9 +333,7 @@ def section_cdni_variant(title, intro, name, out, method, sets, label):
              per_seed(new_cos.get((method, T), {}), cosine)]
             for T in sorted({int(r["T"]) for r in rows})]
     missing = sorted({2, 3, 4, 5} - {int(r["T"]) for r in rows})
-    if missing:
-        text += [f"The runs at T = {', '.join(map(str, missing))} are not finished yet (the "
-                 "sweep resumes when its command is run again).", ""]
+    text += unfinished("The runs at T = ", missing)
     return "\n".join(text + [
         "Longest length solved and `cos_k1` per seed (seed 1 / seed 2):", "",
         table(["T", "plain TBPTT", "cDNI", "cDNI cos_k1", label, f"{label} cos_k1"], body), "",
