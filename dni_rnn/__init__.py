@@ -17,6 +17,7 @@ from .synthesizers import (
     synthesizer_context,
 )
 from .tbptt import ChunkMetrics, NonFiniteLossError, TBPTTRunner, evaluate
+from .token_context import TokenContext
 from .truncation import FixedTruncation, RandomTruncation
 from .wrapper import DNI
 
@@ -45,7 +46,7 @@ __all__ = [
     "nest", "distributed", "BackwardInterface", "ForwardInterface", "BidirectionalInterface", "TriggerStats",
     "BasicSynthesizer", "StateSynthesizer", "RecurrentSynthesizer", "state_dim", "synthesizer_context",
     "current_context", "DeferredBackward", "defer_backward", "backward",
-    "TBPTTRunner", "DNIStep", "evaluate", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
+    "TBPTTRunner", "TokenContext", "DNIStep", "evaluate", "ChunkMetrics", "NonFiniteLossError", "FixedTruncation",
     "RandomTruncation", "RNNLanguageModel", "SequenceModel", "CellLoop",
     "LayerNormLSTMCell", "MinimalGRUCell", "DNI", "load",
 ]

@@ -283,13 +283,12 @@ class TBPTTRunner:
         if self.interface is not None:
             self.interface.train()
         a, N = start, inputs.shape[0]
-        here = window(context, a, context_steps) if context is not None else None
         while a < N:
             b = min(a + next_length(self.schedule), N)
             contexts = {}
-            if context is not None:  # the window at b is the next chunk's own
-                ahead = window(context, b, context_steps)
-                contexts, here = {"context": here, "next_context": ahead}, ahead
+            if context is not None:  # both read now: a TokenContext's codes move with the model
+                contexts = {"context": window(context, a, context_steps),
+                            "next_context": window(context, b, context_steps)}
             state, metrics = self.train_chunk(
                 inputs[a:b], targets[a:b], state,
                 resets=resets[a:b] if resets is not None else None,

@@ -66,7 +66,7 @@ def collect(run, blocks):
     steps = run.cfg.dni.context_steps or T
     out = []
     for inputs, packed, resets, bounds in sc.streams(run, blocks):
-        ctx = context_stream(run.cfg, run.task, Stream(inputs, packed, resets))
+        ctx = context_stream(run.cfg, run.task, Stream(inputs, packed, resets), run.model)
         state, a = model.init_state(inputs.shape[1]), 0
         for b in bounds:
             _, state, _ = forward_with_resets(model, inputs[a:b], state, resets[a:b])

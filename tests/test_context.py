@@ -200,9 +200,11 @@ def test_config_context_on_the_copy_task_and_refused_elsewhere(tmp_path):
         load_recipe("copy-smoke", ["dni.context=targets", "dni.synthesizer=gru"])
     with pytest.raises(ConfigError, match="dni.context"):
         load_recipe("copy-smoke", ["dni.context=labels"])
-    lm = load_recipe("ptb-char-smoke", ["dni.context=targets"])
-    with pytest.raises(ConfigError, match="dni.context=targets needs a task with vector"):
-        Run(lm, tmp_path / "lm", quiet=True, data_dir="../shared/data").setup()
+    words = load_recipe("ptb-word-small-smoke", ["dni.context=targets"])
+    with pytest.raises(ConfigError, match=r"dni.context=targets gives 35 steps x \d+ = \d+ "
+                                          "context features, more than 4096; set "
+                                          "dni.context_code=decoder"):
+        Run(words, tmp_path / "lm", quiet=True, data_dir="../shared/data").setup()
 
 
 def test_config_context_steps_sets_the_window_past_the_truncation(tmp_path):
@@ -227,15 +229,16 @@ def test_a_cdni_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
                                                  "train.diagnose_every=0"])
 
 
-def _stopped_and_resumed_equals_whole(tmp_path, over):
-    """Train copy-cdni-smoke whole and as 6 updates resumed to the end; both checkpoints."""
+def _stopped_and_resumed_equals_whole(tmp_path, over, recipe="copy-cdni-smoke", cut=6,
+                                      data_dir=None):
+    """Train `recipe` whole and as `cut` updates resumed to the end; both checkpoints."""
     import dni_rnn.app.checkpoint as ckpt
     from dni_rnn.app.training import train
-    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "whole", quiet=True)
-    train(load_recipe("copy-cdni-smoke", over + ["train.max_steps=6"]),
-          out_dir=tmp_path / "cut", quiet=True)
-    train(load_recipe("copy-cdni-smoke", over), out_dir=tmp_path / "cut", resume=True,
-          quiet=True)
+    train(load_recipe(recipe, over), out_dir=tmp_path / "whole", quiet=True, data_dir=data_dir)
+    train(load_recipe(recipe, over + [f"train.max_steps={cut}"]), out_dir=tmp_path / "cut",
+          quiet=True, data_dir=data_dir)
+    train(load_recipe(recipe, over), out_dir=tmp_path / "cut", resume=True, quiet=True,
+          data_dir=data_dir)
     whole, cut = (ckpt.load(tmp_path / d / "last.pt") for d in ("whole", "cut"))
     for part in ("model", "synthesizer"):
         for k, v in whole[part].items():
@@ -423,3 +426,78 @@ def test_config_products_train_resume_and_are_refused_without_the_linear_refit(t
             load_recipe("copy-cdni-smoke", ["dni.products=4"] + bad)
     with pytest.raises(ConfigError, match="dni.products must be >= 0"):
         load_recipe("copy-cdni-smoke", ["dni.products=-1"])
+
+
+
+def test_a_token_context_is_each_windows_tokens_as_rows_of_its_codes():
+    """TokenContext: token ids read as their rows of a code table when a window is taken
+    (the table's current values, without gradient), zeros past the stream's end."""
+    ids = torch.tensor([[0, 2], [1, 1], [2, 0]])  # (N=3, B=2)
+    codes = torch.nn.Parameter(torch.arange(6.0).reshape(3, 2))
+    ctx = dni.TokenContext(ids, codes)
+    assert ctx.shape == (3, 2, 2) and ctx.dim() == 3
+    w = window(ctx, 1, 3)  # steps 1, 2 and one past the end
+    assert torch.equal(w, torch.tensor([[2.0, 3, 4, 5, 0, 0], [2, 3, 0, 1, 0, 0]]))
+    assert not w.requires_grad
+    with torch.no_grad():  # a decoder that has trained since: the next window sees it
+        codes.mul_(10)
+    assert torch.equal(window(ctx, 2, 1), torch.tensor([[40.0, 50], [0, 10]]))
+    both = dni.TokenContext(torch.stack([ids, ids], -1), torch.eye(3))
+    assert both.shape == (3, 2, 6) and torch.equal(both[0:1][0, 1], torch.tensor([0.0, 0, 1] * 2))
+    with pytest.raises(ValueError, match="integer token ids"):
+        dni.TokenContext(ids.float(), codes)
+    with pytest.raises(TypeError, match="slices of steps"):
+        ctx[0]
+
+
+@pytest.mark.parametrize("n_hidden", [0, 1])
+def test_a_token_stream_trains_as_its_one_hot_stream(n_hidden):
+    """float64: walking token ids read through `torch.eye(V)` (windows reaching past the end
+    included, with replay) gives the same model and synthesizer as walking their one-hot
+    float stream, to the last bit."""
+    V, steps = 3, 6
+    results = []
+    for tokens in (True, False):
+        model, x, y, state = make_problem(n_steps=12)
+        ids = torch.randint(0, V, (12, 3), generator=torch.Generator().manual_seed(2))
+        ctx = (dni.TokenContext(ids, torch.eye(V, dtype=torch.float64)) if tokens
+               else torch.nn.functional.one_hot(ids, V).double())
+        synth = dni.StateSynthesizer.mlp(dni.state_dim(state), n_hidden=n_hidden, hidden_dim=5,
+                                         context_dim=steps * V).double()
+        with torch.no_grad():
+            for p in synth.parameters():
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3),
+                                          dtype=p.dtype))
+        opt = torch.optim.SGD(list(model.parameters()) + list(synth.parameters()), lr=0.1)
+        runner = dni.TBPTTRunner(model, chunk_loss, opt, truncation=T, synthesizer=synth,
+                                 sg_scale=0.1, bootstrap=0.5, replay=1, **EXACT)
+        torch.manual_seed(0)
+        list(runner.walk(x, y, state, context=ctx, context_steps=steps))
+        results.append([p.detach().clone() for m in (model, synth) for p in m.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recipe, code", [("ptb-char-smoke", "onehot"),
+                                          ("ptb-word-small-smoke", "decoder")])
+def test_config_context_on_a_language_model_trains_diagnoses_and_resumes(tmp_path, recipe, code):
+    """dni.context=targets on a language model: the synthesizer reads the next T tokens,
+    one-hot (characters) or as the model's decoder rows (words), in training, in the
+    diagnosis and in `dni-rnn diagnose`; a run stopped and resumed equals the whole one."""
+    from dni_rnn.app.run import Run
+    from dni_rnn.app.training import diagnose_checkpoint
+    over = ["dni.context=targets", f"dni.context_code={code}", "dni.synth_layers=0",
+            "dni.refit=1e-3", "dni.replay_chunks=4", "train.truncation=5", "train.max_steps=8",
+            "train.eval_interval=0", "train.diagnose_every=4"]
+    cfg = load_recipe(recipe, over)
+    run = Run(cfg, tmp_path / "r", quiet=True, data_dir="../shared/data").setup()
+    per_token = len(run.task.vocab) if code == "onehot" else cfg.model.hidden_dim
+    assert run.synth.synthesizer.context_dim == 5 * per_token
+    _stopped_and_resumed_equals_whole(tmp_path, over, recipe=recipe, cut=3,
+                                      data_dir="../shared/data")
+    assert '"diagnose"' in (tmp_path / "whole" / "metrics.jsonl").read_text()
+    report = diagnose_checkpoint(tmp_path / "whole", horizons=(1,), boundaries=2,
+                                 data_dir="../shared/data")
+    assert report["boundaries"] >= 1 and "cos_k1" in report
+    with pytest.raises(ConfigError, match="dni.context_code=decoder encodes a language model"):
+        load_recipe("copy-cdni-smoke", ["dni.context_code=decoder"])

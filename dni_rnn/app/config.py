@@ -50,6 +50,7 @@ TOKENIZERS = ("auto", "word", "char", "sentencepiece")
 METHODS = ("bptt", "dni", "dni-aux", "bp-lambda", "sg-push")
 SYNTHESIZERS = ("mlp", "gru")
 CONTEXTS = ("none", "targets", "inputs", "both")
+CONTEXT_CODES = ("onehot", "decoder")
 REPEAT_SCHEDULES = ("min", "alternate")
 SOLVE_MEASURES = ("errors", "loss")
 
@@ -187,9 +188,14 @@ class DNIConfig:
     aux_weight: float = _f(0.1, "weight of the auxiliary loss (dni-aux only)")
     context: str = _f("none", "cDNI: the synthesizer at a boundary also sees the data of the "
                               "train.truncation steps after it: targets, inputs or both (the "
-                              "copy tasks; none: the state alone; docs/dni.md)", CONTEXTS)
+                              "copy tasks' vectors, a language model's tokens one-hot; none: "
+                              "the state alone; docs/dni.md)", CONTEXTS)
     context_steps: int = _f(0, "how many steps after a boundary the cDNI context covers (0: "
                                "train.truncation)")
+    context_code: str = _f("onehot", "how a language model's context tokens are encoded: onehot "
+                                     "(a vocabulary-sized code a token; characters) or decoder "
+                                     "(the model's own decoder row of each token, hidden_dim "
+                                     "features; words; docs/dni.md)", CONTEXT_CODES)
     products: int = _f(0, "cDNI with a linear refit synthesizer: also read the products of "
                           "the state's first this-many principal components (of the replay "
                           "buffer, refreshed every dni.replay_chunks refits) with every context "
@@ -450,6 +456,9 @@ def validate(cfg):
     need(cfg.dni.replay_chunks >= 1, f"dni.replay_chunks must be >= 1, got {cfg.dni.replay_chunks}")
     need(cfg.dni.context_steps >= 0, "dni.context_steps must be >= 0 (0: train.truncation), "
          f"got {cfg.dni.context_steps}")
+    need(cfg.dni.context_code == "onehot" or cfg.data.corpus in LM_CORPORA,
+         f"dni.context_code={cfg.dni.context_code} encodes a language model's tokens; the "
+         f"{cfg.data.corpus} task's context is its own vectors (leave dni.context_code=onehot)")
     need(cfg.dni.refit_every >= 1, f"dni.refit_every must be >= 1, got {cfg.dni.refit_every}")
     need(cfg.dni.refit >= 0, f"dni.refit must be >= 0 (0: off), got {cfg.dni.refit}")
     need(0 < cfg.dni.refit_decay <= 1,

@@ -71,15 +71,25 @@ def seed_everything(seed, deterministic):
         torch.backends.cudnn.benchmark = False
 
 
+MAX_CONTEXT_FEATURES = 4096  # the linear refit solves over state + context features
+
+
 def context_width(cfg, task):
     """Features of the synthesizer's context (`dni.context`): the truncation's steps of the
-    task's context channels; None without one."""
+    task's context channels (a language model's tokens one-hot); None without one."""
     if cfg.dni.context == "none" or cfg.dni.method == "bptt":
         return None
     if not hasattr(task, "context_channels"):
-        raise ConfigError(f"dni.context={cfg.dni.context} needs a task with vector inputs and "
-                          "targets (copy, repeat-copy); set dni.context=none")
-    return context_steps(cfg) * task.context_channels(cfg.dni.context)
+        raise ConfigError(f"dni.context={cfg.dni.context} needs a task with a context "
+                          "(copy, repeat-copy, a language model); set dni.context=none")
+    width = context_steps(cfg) * task.context_channels(cfg.dni.context)
+    if width > MAX_CONTEXT_FEATURES:
+        raise ConfigError(f"dni.context={cfg.dni.context} gives {context_steps(cfg)} steps x "
+                          f"{task.context_channels(cfg.dni.context)} = {width} context features, "
+                          f"more than {MAX_CONTEXT_FEATURES}; set dni.context_code=decoder (a "
+                          "language model's tokens as their decoder rows) or lower "
+                          "dni.context_steps")
+    return width
 
 
 def context_steps(cfg):
@@ -93,11 +103,12 @@ def context_window(cfg, context, start):
     return None if context is None else window(context, start, context_steps(cfg))
 
 
-def context_stream(cfg, task, stream):
-    """The `(N, B, C)` stream a cDNI synthesizer reads (`dni.context`), or None."""
+def context_stream(cfg, task, stream, model):
+    """The `(N, B, C)` stream a cDNI synthesizer reads (`dni.context`), or None; a language
+    model's encodes its tokens with `model` (`dni.context_code`)."""
     if cfg.dni.context == "none" or cfg.dni.method == "bptt":
         return None
-    return task.context_stream(stream, cfg.dni.context)
+    return task.context_stream(stream, cfg.dni.context, model)
 
 
 def build_synthesizers(cfg, model, context_dim=None):
@@ -374,7 +385,7 @@ class Run:
         return stream_end or self.finished()
 
     def _context(self, stream):
-        return context_stream(self.cfg, self.task, stream)
+        return context_stream(self.cfg, self.task, stream, self.model)
 
     def diagnose(self):
         """The synthetic gradient at the current boundary against the true future gradient

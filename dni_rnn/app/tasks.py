@@ -39,6 +39,7 @@ from ..distributed import World
 from .lm_data import load_lm_data
 from ..models import RNNLanguageModel, SequenceModel
 from ..tbptt import evaluate
+from ..token_context import TokenContext
 
 LN2 = math.log(2.0)
 
@@ -158,6 +159,23 @@ class LanguageModelTask:
 
     def steps_per_stream(self):
         return self.train.shape[0] - 1
+
+    def context_channels(self, kind):
+        """Features per step of `context_stream` (`dni.context`, `dni.context_code`)."""
+        onehot = self.cfg.dni.context_code == "onehot"
+        code = len(self.vocab) if onehot else self.cfg.model.hidden_dim
+        return code * (2 if kind == "both" else 1)
+
+    def context_stream(self, stream, kind, model):
+        """What a cDNI synthesizer reads of each step after a boundary: the tokens to
+        predict, the inputs, or both (`dni.context`), each as a one-hot code or as its row
+        of `model`'s decoder at the time it is read (`dni.context_code`)."""
+        parts = {"inputs": [stream.inputs], "targets": [stream.targets],
+                 "both": [stream.inputs, stream.targets]}[kind]
+        ids = torch.stack(parts, -1)
+        if self.cfg.dni.context_code == "decoder":
+            return TokenContext(ids, model.decoder.weight)
+        return TokenContext(ids, torch.eye(len(self.vocab), device=ids.device))
 
     def train_stream(self, device):
         # (N, B) -> this rank's (N, B / W) block of streams (all of them alone)
@@ -354,7 +372,7 @@ class CopyTask:
         return {"inputs": d_in, "targets": d_out + 1, "both": d_in + d_out + 1}[kind]
 
     @staticmethod
-    def context_stream(stream, kind):
+    def context_stream(stream, kind, model=None):
         """`(N, B, C)`: what a cDNI synthesizer reads of each step after a boundary: the
         targets with their mask, the inputs, or both (`dni.context`)."""
         parts = {"inputs": [stream.inputs], "targets": [stream.targets],

@@ -178,7 +178,7 @@ def diagnose_checkpoint(path, horizons=(1, 2, 4, 8), boundaries=16, split="valid
     runner.load_state_dict(c["runner"])
     inputs, targets, resets = task.diagnosis_stream(split, dev)
     T, K = cfg.train.truncation, max(horizons)
-    context = context_stream(cfg, task, Stream(inputs, targets, resets))
+    context = context_stream(cfg, task, Stream(inputs, targets, resets), model)
     N = inputs.shape[0]
     last = N - K * T  # the last boundary with room for the longest horizon
     if last < T:
