@@ -527,6 +527,62 @@ def section_word_synth():
         ("the recipe's, as published above (earlier code, no diagnosis)", published)))
 
 
+CDNI_LM = ("--set dni.context=targets --set dni.synth_layers=0 --set dni.refit=1e-3 "
+           "--set dni.replay_chunks=256")
+
+
+def section_lm_cdni():
+    """cDNI on PTB at T=5: the synthesizer reads the next T tokens (docs/dni.md, point 16)."""
+    char, word = "ptb-char-cdni.csv", "ptb-word-cdni.csv"
+    text = ["### PTB at T=5: cDNI, the synthesizer reads the next T tokens", "",
+            "DNI whose linear synthesizer also reads the T tokens after each boundary and is "
+            "refitted in closed form on the last 256 chunks (the copy tasks' cDNI): on "
+            "characters one-hot (1M training characters, as the sweeps above), on words as the "
+            "model's own decoder row of each token, refitted after one update in 10 (one "
+            "epoch); seeds 1 and 2, diagnosed. Plain TBPTT and the recipes' DNI are the T=5 "
+            "runs above (the same recipe and budget; earlier code).", "",
+            "    dni-rnn compare ptb-char --truncations 5 --methods dni --seeds 1,2 "
+            "--budget-tokens 1000000 --jobs 2 --out runs/compare-ptb-char-cdni --set "
+            f"optim.plateau_factor=1 --set train.threads=1 --set train.diagnose_every=100 {CDNI_LM}",
+            "    dni-rnn train ptb-word-small --out runs/word-cdni/dni-T5-sS --set train.epochs=1 "
+            "--set train.truncation=5 --set train.seed=S --set train.threads=1 --set "
+            f"train.diagnose_every=200 {CDNI_LM} --set dni.context_code=decoder --set "
+            "dni.refit_every=10",
+            "    python experiments/cosine_csv.py runs/compare-ptb-char-cdni/dni-T5-s? --out "
+            f"docs/results/{char}",
+            "    python experiments/cosine_csv.py runs/word-cdni/dni-T5-s? --out "
+            f"docs/results/{word}", ""]
+    body = []
+    sweep = read("ptb-char-truncations.csv") or []
+    chars = {(r["method"], int(r["seed"])): float(r["test"]) for r in sweep if r["T"] == "5"}
+    word_plain = {seed: r["plain"][1] for (T, seed), r in
+                  word_runs(["dni-stability-cpu.csv"], "raw-cap-b0125").items() if T == 5}
+    word_dni = {int(r["seed"]): float(r["test"]) for r in read("ptb-word-dni-T5.csv") or []}
+    for name, task, plain, dni, fmt in (
+            (char, "ptb-char (test bpc)", {s: chars.get(("bptt", s)) for s in (1, 2)},
+             {s: chars.get(("dni", s)) for s in (1, 2)}, "{:.3f}"),
+            (word, "ptb-word-small (test ppl)", word_plain, word_dni, "{:.2f}")):
+        rows = read(name)
+        if rows is None:
+            body.append([task, "-", "-", "-", "not run yet", "-", "-", "-"])
+            continue
+        cdni = {int(r["seed"]): r for r in rows}
+        cell = lambda d, f: " / ".join(f.format(d[s]) if d.get(s) is not None else "-"
+                                       for s in (1, 2))
+        body.append([task, cell(plain, fmt), cell(dni, fmt),
+                     cell({s: float(r["test"]) for s, r in cdni.items()}, fmt),
+                     cell({s: float(r["cos_k1"]) for s, r in cdni.items()}, "{:.3f}"),
+                     cell({s: float(r["norm_ratio_k1"]) for s, r in cdni.items()}, "{:.2f}"),
+                     cell({s: int(r["recoveries"] or 0) for s, r in cdni.items()}, "{}"),
+                     f"{statistics.mean(float(r['tokens_per_s']) for r in rows):,.0f}"])
+    return "\n".join(text + [
+        "Seed 1 / seed 2. `cos_k1`: the mean cosine of the synthetic gradient with the true "
+        "future gradient over the second half of the run; length: the synthetic gradient's "
+        f"norm against the future gradient's there; tokens/s with the diagnosis, {CPU}:",
+        "", table(["task", "plain TBPTT", "DNI (recipe)", "cDNI", "cDNI cos_k1",
+                   "length", "recoveries", "tokens/s"], body), ""])
+
+
 def synth_size_table(rows, plain, plain_speed, metric, fmt, model_params, earlier=None):
     """Lines of a synthesizer-size table: plain TBPTT's test metric on seeds 1 and 2 (and an
     `earlier` (label, {seed: metric}) row), then each synthesizer by its parameter count:
@@ -728,7 +784,7 @@ def render():
              section_bplambda("repeat-copy", "runs/compare-repeat-copy-bplambda",
                               "runs/compare-repeat-copy-cdni"),
              section_bplambda_char(), section_their_copy_repeat(), section_char_synth(),
-             section_word_synth(),
+             section_word_synth(), section_lm_cdni(),
              section_zaremba(), section_speed()]
     return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
 

@@ -501,3 +501,24 @@ def test_config_context_on_a_language_model_trains_diagnoses_and_resumes(tmp_pat
     assert report["boundaries"] >= 1 and "cos_k1" in report
     with pytest.raises(ConfigError, match="dni.context_code=decoder encodes a language model"):
         load_recipe("copy-cdni-smoke", ["dni.context_code=decoder"])
+
+
+def test_context_ceiling_fits_a_frozen_language_model_with_and_without_its_next_tokens(tmp_path):
+    """experiments/context_ceiling.py on ptb-char-smoke: the windows the runner would read,
+    ridge fits scored on held-out boundaries; the next tokens predict more than the state."""
+    import json
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "experiments"))
+    import context_ceiling
+    out = tmp_path / "c"
+    context_ceiling.main(["ptb-char-smoke", "--out", str(out), "--data-dir", "../shared/data",
+                          "--boundaries", "60", "--products", "2", "--set", "dni.method=bptt",
+                          "--set", "train.truncation=5"])
+    report = json.loads((out / "context-ceiling.json").read_text())
+    assert report["boundaries"] == 60 and report["held_out"] == 12
+    cos = {r["fit"]: r["cos_k1"] for r in report["rows"]}
+    assert set(cos) == {"state", "state + context", "first token only",
+                        "state + context + products 2"}
+    assert all(-1 <= c <= 1 for c in cos.values())
+    assert cos["state + context"] > cos["state"] + 0.1
