@@ -188,8 +188,8 @@ class DNIConfig:
     aux_weight: float = _f(0.1, "weight of the auxiliary loss (dni-aux only)")
     context: str = _f("none", "cDNI: the synthesizer at a boundary also sees the data of the "
                               "train.truncation steps after it: targets, inputs or both (the "
-                              "copy tasks' vectors, a language model's tokens one-hot; none: "
-                              "the state alone; docs/dni.md)", CONTEXTS)
+                              "copy tasks' vectors, a language model's tokens coded by "
+                              "dni.context_code; none: the state alone; docs/dni.md)", CONTEXTS)
     context_steps: int = _f(0, "how many steps after a boundary the cDNI context covers (0: "
                                "train.truncation)")
     context_code: str = _f("onehot", "how a language model's context tokens are encoded: onehot "

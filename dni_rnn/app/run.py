@@ -76,7 +76,7 @@ MAX_CONTEXT_FEATURES = 4096  # the linear refit solves over state + context feat
 
 def context_width(cfg, task):
     """Features of the synthesizer's context (`dni.context`): the truncation's steps of the
-    task's context channels (a language model's tokens one-hot); None without one."""
+    task's context channels (a language model's coded tokens); None without one."""
     if cfg.dni.context == "none" or cfg.dni.method == "bptt":
         return None
     if not hasattr(task, "context_channels"):
