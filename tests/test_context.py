@@ -478,22 +478,21 @@ def test_a_token_stream_trains_as_its_one_hot_stream(n_hidden):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("recipe, code", [("ptb-char-smoke", "onehot"),
-                                          ("ptb-word-small-smoke", "decoder")])
+@pytest.mark.parametrize("recipe, code", [("ptb-char-cdni-smoke", "onehot"),
+                                          ("ptb-word-small-cdni-smoke", "decoder")])
 def test_config_context_on_a_language_model_trains_diagnoses_and_resumes(tmp_path, recipe, code):
-    """dni.context=targets on a language model: the synthesizer reads the next T tokens,
-    one-hot (characters) or as the model's decoder rows (words), in training, in the
-    diagnosis and in `dni-rnn diagnose`; a run stopped and resumed equals the whole one."""
+    """dni.context=targets on a language model (the recipes ptb-char-cdni and
+    ptb-word-small-cdni): the synthesizer reads the next T tokens, one-hot (characters) or as
+    the model's decoder rows (words), in training, in the diagnosis and in `dni-rnn
+    diagnose`; a run stopped and resumed equals the whole one."""
     from dni_rnn.app.run import Run
     from dni_rnn.app.training import diagnose_checkpoint
-    over = ["dni.context=targets", f"dni.context_code={code}", "dni.synth_layers=0",
-            "dni.refit=1e-3", "dni.replay_chunks=4", "train.truncation=5", "train.max_steps=8",
-            "train.eval_interval=0", "train.diagnose_every=4"]
-    cfg = load_recipe(recipe, over)
+    cfg = load_recipe(recipe)
+    assert (cfg.dni.context, cfg.dni.context_code, cfg.train.truncation) == ("targets", code, 5)
     run = Run(cfg, tmp_path / "r", quiet=True, data_dir="../shared/data").setup()
     per_token = len(run.task.vocab) if code == "onehot" else cfg.model.hidden_dim
     assert run.synth.synthesizer.context_dim == 5 * per_token
-    _stopped_and_resumed_equals_whole(tmp_path, over, recipe=recipe, cut=3,
+    _stopped_and_resumed_equals_whole(tmp_path, [], recipe=recipe, cut=3,
                                       data_dir="../shared/data")
     assert '"diagnose"' in (tmp_path / "whole" / "metrics.jsonl").read_text()
     report = diagnose_checkpoint(tmp_path / "whole", horizons=(1,), boundaries=2,
@@ -501,6 +500,18 @@ def test_config_context_on_a_language_model_trains_diagnoses_and_resumes(tmp_pat
     assert report["boundaries"] >= 1 and "cos_k1" in report
     with pytest.raises(ConfigError, match="dni.context_code=decoder encodes a language model"):
         load_recipe("copy-cdni-smoke", ["dni.context_code=decoder"])
+
+
+def test_the_word_cdni_recipe_is_the_measured_command():
+    """docs/RESULTS.md's ptb-word-small cDNI rows were made with ptb-word-small and these
+    --set lines; the recipe is the same configuration."""
+    measured = load_recipe("ptb-word-small", [
+        "train.epochs=1", "train.truncation=5", "train.diagnose_every=200", "dni.context=targets",
+        "dni.synth_layers=0", "dni.refit=1e-3", "dni.replay_chunks=256",
+        "dni.context_code=decoder", "dni.refit_every=10"])
+    recipe = load_recipe("ptb-word-small-cdni")
+    for part in ("data", "model", "optim", "train", "dni"):
+        assert getattr(recipe, part) == getattr(measured, part), part
 
 
 def test_context_ceiling_fits_a_frozen_language_model_with_and_without_its_next_tokens(tmp_path):
