@@ -534,6 +534,7 @@ CDNI_LM = ("--set dni.context=targets --set dni.synth_layers=0 --set dni.refit=1
 def section_lm_cdni():
     """cDNI on PTB at T=5: the synthesizer reads the next T tokens (docs/dni.md, point 16)."""
     char, word = "ptb-char-cdni.csv", "ptb-word-cdni.csv"
+    char10 = "ptb-char-cdni-every10.csv"
     text = ["### PTB at T=5: cDNI, the synthesizer reads the next T tokens", "",
             "DNI whose linear synthesizer also reads the T tokens after each boundary and is "
             "refitted in closed form on the last 256 chunks (the copy tasks' cDNI): on "
@@ -548,8 +549,12 @@ def section_lm_cdni():
             "--set train.truncation=5 --set train.seed=S --set train.threads=1 --set "
             f"train.diagnose_every=200 {CDNI_LM} --set dni.context_code=decoder --set "
             "dni.refit_every=10",
+            "    # and the ptb-char command with --set dni.refit_every=10, out "
+            "runs/compare-ptb-char-cdni-every10",
             "    python experiments/cosine_csv.py runs/compare-ptb-char-cdni/dni-T5-s? --out "
             f"docs/results/{char}",
+            "    python experiments/cosine_csv.py runs/compare-ptb-char-cdni-every10/dni-T5-s? "
+            f"--out docs/results/{char10}",
             "    python experiments/cosine_csv.py runs/word-cdni/dni-T5-s? --out "
             f"docs/results/{word}", ""]
     body = []
@@ -558,9 +563,11 @@ def section_lm_cdni():
     word_plain = {seed: r["plain"][1] for (T, seed), r in
                   word_runs(["dni-stability-cpu.csv"], "raw-cap-b0125").items() if T == 5}
     word_dni = {int(r["seed"]): float(r["test"]) for r in read("ptb-word-dni-T5.csv") or []}
+    char_plain = {s: chars.get(("bptt", s)) for s in (1, 2)}
+    char_dni = {s: chars.get(("dni", s)) for s in (1, 2)}
     for name, task, plain, dni, fmt in (
-            (char, "ptb-char (test bpc)", {s: chars.get(("bptt", s)) for s in (1, 2)},
-             {s: chars.get(("dni", s)) for s in (1, 2)}, "{:.3f}"),
+            (char, "ptb-char (test bpc)", char_plain, char_dni, "{:.3f}"),
+            (char10, "ptb-char, refit 1 update in 10", char_plain, char_dni, "{:.3f}"),
             (word, "ptb-word-small (test ppl)", word_plain, word_dni, "{:.2f}")):
         rows = read(name)
         if rows is None:
