@@ -776,7 +776,9 @@ def render():
             "BP(lambda) a longer one at T = 4 on both seeds, on copy and on repeat copy, and in "
             "BP(lambda)'s own copy-repeat setting at T = 1 the longest stage of every online "
             "method on both seeds. Plain "
-            "TBPTT reproduces Zaremba et al.'s small model. No run diverged.", ""]
+            "TBPTT reproduces Zaremba et al.'s small model. On PTB at T=5, cDNI reading the next "
+            "five tokens predicts the future gradient (cosine 0.27 on characters, 0.38-0.42 on "
+            "words) and beats plain TBPTT on both seeds. No run diverged.", ""]
     parts = [section_words(), section_chars(), section_copy(),
              section_cdni("copy", 10000, "runs/compare-copy-cdni"),
              section_cdni("copy", 10000, "runs/compare-copy-cdni256", chunks=256,
