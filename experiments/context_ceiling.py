@@ -24,7 +24,6 @@ diagnosis's `cos_k1`), and on as many training boundaries:
 
 Writes OUT/context-ceiling.json and prints a table. The network is trained into OUT/net.
 """
-import argparse
 import json
 import sys
 import time
@@ -36,7 +35,7 @@ from dni_rnn.app.run import context_window
 from dni_rnn.app.tasks import Stream
 from dni_rnn.diagnostics import future_gradients
 from dni_rnn.tbptt import forward_with_resets
-from synth_ceiling import batch_cos, flat, train_or_load
+from synth_ceiling import batch_cos, flat, recipe_parser, train_or_load
 
 
 @torch.no_grad()
@@ -80,11 +79,7 @@ def fit(train, features, ridge):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("recipe")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--set", action="append", default=[], dest="overrides")
-    ap.add_argument("--data-dir")
+    ap = recipe_parser(__doc__)
     ap.add_argument("--boundaries", type=int, default=600)
     ap.add_argument("--code", choices=("onehot", "decoder"), default="onehot")
     ap.add_argument("--products", default="4,8", help="ranks r of the products (comma list)")

@@ -226,12 +226,18 @@ def bootstrapped(run, lam, steps, lr, width):
     return predict
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def recipe_parser(doc):
+    """The arguments of a script that trains (or loads) a recipe's net into OUT/net."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--data-dir")
+    return ap
+
+
+def main(argv=None):
+    ap = recipe_parser(__doc__)
     ap.add_argument("--blocks", type=int, default=600, help="copy: episodes blocks; LM: boundaries")
     ap.add_argument("--boot-steps", type=int, default=3000)
     ap.add_argument("--wide", type=int, default=1024)
