@@ -239,9 +239,10 @@ def test_every_smoke_recipe_runs_somewhere():
 
     smoke = {n for n in C.shipped_recipes() if n.endswith("-smoke")}
     # wikitext-2-smoke runs just above, the Zaremba one in test_training (plain TBPTT),
-    # copy-cdni-smoke in test_context (trained, resumed, diagnosed)
+    # copy-cdni-smoke and the two PTB cDNI ones in test_context (trained, resumed, diagnosed)
     assert smoke == set(SMOKE) | {"wikitext-2-smoke", "ptb-word-zaremba-small-smoke",
-                                  "copy-cdni-smoke"}
+                                  "copy-cdni-smoke", "ptb-char-cdni-smoke",
+                                  "ptb-word-small-cdni-smoke"}
 
 
 def test_sentencepiece_tiny_vocabulary(text_dir, tmp_path, capsys):
