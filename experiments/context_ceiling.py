@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dni_rnn.app.run import context_window
+from dni_rnn.app.run import context_steps, context_window
 from dni_rnn.app.tasks import Stream
 from dni_rnn.diagnostics import future_gradients
 from dni_rnn.tbptt import forward_with_resets
@@ -44,7 +44,7 @@ def collect(run, n_boundaries, code):
     cfg, model, task = run.cfg, run.model, run.task
     T = cfg.train.truncation
     cfg.dni.context, cfg.dni.context_code = "targets", code  # how the runner would read them
-    s = task.train_stream("cpu")
+    s = task.train_stream(next(model.parameters()).device)
     N = min(s.inputs.shape[0], (n_boundaries + 2) * T)
     inputs, targets = s.inputs[:N], s.targets[:N]
     resets = s.resets[:N] if s.resets is not None else None
@@ -92,7 +92,7 @@ def main(argv=None):
     data = collect(run, args.boundaries, args.code)
     cut = int(0.8 * len(data))
     train, held = data[:cut], data[cut:]
-    T = run.cfg.train.truncation
+    steps = context_steps(run.cfg)
     print(f"{len(data)} boundaries ({time.time() - t0:.0f}s): state {data[0]['X'].shape[1]}, "
           f"context {data[0]['C'].shape[1]} features, B = {data[0]['X'].shape[0]}",
           file=sys.stderr)
@@ -107,7 +107,7 @@ def main(argv=None):
 
     fits = {"state": lambda r: r["X"],
             "state + context": lambda r: torch.cat([r["X"], r["C"]], 1),
-            "first token only": lambda r: r["C"][:, :r["C"].shape[1] // T]}
+            "first token only": lambda r: r["C"][:, :r["C"].shape[1] // steps]}
     for rank in (int(k) for k in args.products.split(",") if k):
         fits[f"state + context + products {rank}"] = \
             lambda r, rank=rank: torch.cat([r["X"], r["C"], products(r, rank)], 1)

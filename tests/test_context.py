@@ -200,11 +200,16 @@ def test_config_context_on_the_copy_task_and_refused_elsewhere(tmp_path):
         load_recipe("copy-smoke", ["dni.context=targets", "dni.synthesizer=gru"])
     with pytest.raises(ConfigError, match="dni.context"):
         load_recipe("copy-smoke", ["dni.context=labels"])
-    words = load_recipe("ptb-word-small-smoke", ["dni.context=targets"])
+    refit = ["dni.context=targets", "dni.synth_layers=0", "dni.refit=1e-3"]
+    words = load_recipe("ptb-word-small-smoke", refit)
     with pytest.raises(ConfigError, match=r"dni.context=targets gives 35 steps x \d+ = \d+ "
-                                          "context features, more than 4096; set "
-                                          "dni.context_code=decoder"):
+                                          "context features, more than the linear refit's "
+                                          "4096; set dni.context_code=decoder"):
         Run(words, tmp_path / "lm", quiet=True, data_dir="../shared/data").setup()
+    chars = load_recipe("ptb-char-cdni-smoke", ["dni.context_steps=100"])  # decoder is wider
+    with pytest.raises(ConfigError, match=r"more than the linear refit's 4096; lower "
+                                          "dni.context_steps$"):
+        Run(chars, tmp_path / "lm2", quiet=True, data_dir="../shared/data").setup()
 
 
 def test_config_context_steps_sets_the_window_past_the_truncation(tmp_path):

@@ -71,7 +71,7 @@ def seed_everything(seed, deterministic):
         torch.backends.cudnn.benchmark = False
 
 
-MAX_CONTEXT_FEATURES = 4096  # the linear refit solves over state + context features
+MAX_CONTEXT_FEATURES = 4096  # a linear refit solves over state + context features
 
 
 def context_width(cfg, task):
@@ -83,12 +83,15 @@ def context_width(cfg, task):
         raise ConfigError(f"dni.context={cfg.dni.context} needs a task with a context "
                           "(copy, repeat-copy, a language model); set dni.context=none")
     width = context_steps(cfg) * task.context_channels(cfg.dni.context)
-    if width > MAX_CONTEXT_FEATURES:
+    if width > MAX_CONTEXT_FEATURES and cfg.dni.refit and not cfg.dni.synth_layers:
+        narrower = (cfg.dni.context_code == "onehot" and hasattr(task, "vocab")
+                    and cfg.model.hidden_dim < len(task.vocab))
         raise ConfigError(f"dni.context={cfg.dni.context} gives {context_steps(cfg)} steps x "
                           f"{task.context_channels(cfg.dni.context)} = {width} context features, "
-                          f"more than {MAX_CONTEXT_FEATURES}; set dni.context_code=decoder (a "
-                          "language model's tokens as their decoder rows) or lower "
-                          "dni.context_steps")
+                          f"more than the linear refit's {MAX_CONTEXT_FEATURES}; "
+                          + ("set dni.context_code=decoder (a language model's tokens as their "
+                             "decoder rows) or " if narrower else "")
+                          + "lower dni.context_steps")
     return width
 
 
