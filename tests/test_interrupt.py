@@ -198,9 +198,8 @@ def test_a_sweep_stopped_by_sigterm_to_its_parent_alone_stops_its_workers_and_re
 def test_a_sweep_whose_run_fails_stops_the_others_before_the_error(tmp_path):
     """One run of a sweep cannot start (its directory is a file): the run beside it stops on
     the SIGTERM the sweep sends and saves last.pt (one still setting up stops at its first
-    update), the runs not begun never
-    start, and the command exits 2 with the failed run's one-line error at once (before, the
-    sweep trained every other run first)."""
+    update), the runs not begun never start, and the command exits 2 with the failed run's
+    one-line error at once (before, the sweep trained every other run first)."""
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "bptt-T2-s2").touch()

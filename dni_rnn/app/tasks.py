@@ -96,6 +96,12 @@ class Stream(NamedTuple):
     resets: Optional[torch.Tensor]  # (N, B) bool: state zeroed before step t; or None
 
 
+def context_parts(stream, kind):
+    """The streams a cDNI context of `kind` (`dni.context`) is made of."""
+    return {"inputs": [stream.inputs], "targets": [stream.targets],
+            "both": [stream.inputs, stream.targets]}[kind]
+
+
 def build_task(cfg, data_dir=None, world=None):
     """The task of `cfg.data.corpus` (loads the corpus: may raise corpora.CorpusError).
 
@@ -170,9 +176,7 @@ class LanguageModelTask:
         """What a cDNI synthesizer reads of each step after a boundary: the tokens to
         predict, the inputs, or both (`dni.context`), each as a one-hot code or as its row
         of `model`'s decoder at the time it is read (`dni.context_code`)."""
-        parts = {"inputs": [stream.inputs], "targets": [stream.targets],
-                 "both": [stream.inputs, stream.targets]}[kind]
-        ids = torch.stack(parts, -1)
+        ids = torch.stack(context_parts(stream, kind), -1)
         if self.cfg.dni.context_code == "decoder":
             return TokenContext(ids, model.decoder.weight)
         return TokenContext(ids, torch.eye(len(self.vocab), device=ids.device))
@@ -375,9 +379,7 @@ class CopyTask:
     def context_stream(stream, kind, model=None):
         """`(N, B, C)`: what a cDNI synthesizer reads of each step after a boundary: the
         targets with their mask, the inputs, or both (`dni.context`)."""
-        parts = {"inputs": [stream.inputs], "targets": [stream.targets],
-                 "both": [stream.inputs, stream.targets]}[kind]
-        return torch.cat([p.float() for p in parts], -1)
+        return torch.cat([p.float() for p in context_parts(stream, kind)], -1)
 
     def stream_state(self):
         return self._stream_seed
