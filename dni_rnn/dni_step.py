@@ -66,7 +66,9 @@ class DNIStep:
         batch_dim: batch dimension of state tensors (None: the one before the features).
         replay, replay_chunks: replayed synthesizer updates (`replay.SynthReplay`).
         refit: the ridge penalty of a closed-form refit of the synthesizer's last layer on
-            the replay buffer after every update (0: off; `replay.SynthReplay`).
+            the replay buffer after every update (0: off; `replay.SynthReplay`). The refitted
+            parameters (`StateSynthesizer.refitted_parameters`) stop requiring grad: only the
+            refit moves them, and between refits they keep its solution.
         refit_every: refit after one update in this many (1: every update).
         refit_decay: the refit's weight of a buffered chunk per chunk of age (1: equal).
         trace_decay: BP(lambda)'s lambda: the synthesizer also learns from later chunks' TD
@@ -103,6 +105,12 @@ class DNIStep:
         self.replay = SynthReplay(replay, replay_chunks, batch_dim, ridge=refit,
                                   refit_every=refit_every, decay=refit_decay)
         self.traces = SynthTraces(trace_decay, trace_horizon, batch_dim)
+        if refit:  # set in closed form; a gradient step between refits only moves them off it
+            if not hasattr(synthesizer, "refitted_parameters"):
+                raise ValueError("refit needs a StateSynthesizer (its last layer is refitted); "
+                                 f"got {type(synthesizer).__name__}; set refit=0")
+            for p in synthesizer.refitted_parameters():
+                p.requires_grad_(False)
         self.params = list(synthesizer.parameters())
         if self.aux_on:
             self.params += list(aux_head.parameters())
@@ -129,7 +137,7 @@ class DNIStep:
         if optimizer is None:
             return
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [p for p in self.params if id(p) not in in_opt]
+        missing = [p for p in self.params if id(p) not in in_opt and p.requires_grad]
         if missing:
             raise ValueError(
                 f"{len(missing)} synthesizer parameters are in no optimizer; add them to the "
@@ -389,7 +397,8 @@ class DNIStep:
         scale = self.scale(tokens)
         if not self.replay or not self.replay.filled or self.is_zero(scale):
             return
-        for _ in range(self.replay.steps):
+        steps = self.replay.steps if any(p.requires_grad for p in self.params) else 0
+        for _ in range(steps):  # none when the refit sets every synthesizer parameter
             for p in list(others) + self.params:
                 p.grad = None
             self.replay.regression_loss(self.interface.synthesizer, scale).backward()

@@ -103,6 +103,14 @@ class BasicSynthesizer(nn.Module):
         """The linear layer that writes the message."""
         return self.output if self.output is not None else self.input_trigger
 
+    def refitted_parameters(self):
+        """What a closed-form refit writes: the last layer, and when the synthesizer is linear
+        also the layers that read the context and its products."""
+        layers = [self.last_layer]
+        if self.output is None:
+            layers += [m for m in (self.input_context, self.input_products) if m is not None]
+        return [p for layer in layers for p in layer.parameters()]
+
     def features(self, trigger, context=None):
         """What `last_layer` reads: the last hidden activations (the trigger itself when the
         synthesizer is linear)."""
@@ -218,6 +226,10 @@ class StateSynthesizer(nn.Module):
         tensors = nest.flatten(state)
         return torch.cat([t.movedim(d, 0).reshape(t.shape[d], -1)
                           for t, d in zip(tensors, map(self._batch_dim, tensors))], dim=1)
+
+    def refitted_parameters(self):
+        """What a closed-form refit writes (`BasicSynthesizer.refitted_parameters`)."""
+        return self.synthesizer.refitted_parameters()
 
     def features(self, state, context=None):
         """What the inner synthesizer's last layer reads at `state`, `(B, F)`, and that layer

@@ -527,6 +527,7 @@ def section_word_synth():
         ("the recipe's, as published above (earlier code, no diagnosis)", published)))
 
 
+WORD_PLAIN = "ptb-word-plain.csv"   # plain TBPTT runs on seeds and truncations the sweeps lack
 CDNI_LM = ("--set dni.context=targets --set dni.synth_layers=0 --set dni.refit=1e-3 "
            "--set dni.replay_chunks=256")
 
@@ -534,7 +535,7 @@ CDNI_LM = ("--set dni.context=targets --set dni.synth_layers=0 --set dni.refit=1
 def section_lm_cdni():
     """cDNI on PTB at T=5: the synthesizer reads the next T tokens (docs/dni.md, point 16)."""
     char, word = "ptb-char-cdni.csv", "ptb-word-cdni.csv"
-    char10 = "ptb-char-cdni-every10.csv"
+    char10, word05 = "ptb-char-cdni-every10.csv", "ptb-word-cdni-b005.csv"
     text = ["### PTB at T=5: cDNI, the synthesizer reads the next T tokens", "",
             "DNI whose linear synthesizer also reads the T tokens after each boundary and is "
             "refitted in closed form on the last 256 chunks (the copy tasks' cDNI): on "
@@ -556,19 +557,34 @@ def section_lm_cdni():
             "    python experiments/cosine_csv.py runs/compare-ptb-char-cdni-every10/dni-T5-s? "
             f"--out docs/results/{char10}",
             "    python experiments/cosine_csv.py runs/word-cdni/dni-T5-s? --out "
-            f"docs/results/{word}", ""]
+            f"docs/results/{word}",
+            "    # beta = lambda = 0.05, the recipe since 2026-12-05, and plain TBPTT on seed 4:",
+            "    dni-rnn train ptb-word-small-cdni --out runs/word-cdni-b005/dni-T5-sS --set "
+            "train.seed=S --set train.threads=1",
+            "    dni-rnn train ptb-word-small --out runs/word-T5-plain/s4 --set train.seed=4 "
+            "--set train.epochs=1 --set train.truncation=5 --set dni.method=bptt --set "
+            "train.threads=1",
+            "    python experiments/cosine_csv.py runs/word-cdni-b005/dni-T5-s? --out "
+            f"docs/results/{word05}",
+            "    python experiments/cosine_csv.py runs/word-T5-plain/s4 --out "
+            f"docs/results/{WORD_PLAIN}", ""]
     body = []
     sweep = read("ptb-char-truncations.csv") or []
     chars = {(r["method"], int(r["seed"])): float(r["test"]) for r in sweep if r["T"] == "5"}
     word_plain = {seed: r["plain"][1] for (T, seed), r in
                   word_runs(["dni-stability-cpu.csv"], "raw-cap-b0125").items() if T == 5}
+    word_plain.update({int(r["seed"]): float(r["test"]) for r in read(WORD_PLAIN) or []
+                       if r["T"] == "5"})
     word_dni = {int(r["seed"]): float(r["test"]) for r in read("ptb-word-dni-T5.csv") or []}
     char_plain = {s: chars.get(("bptt", s)) for s in (1, 2)}
     char_dni = {s: chars.get(("dni", s)) for s in (1, 2)}
     for name, task, plain, dni, fmt in (
             (char, "ptb-char (test bpc)", char_plain, char_dni, "{:.3f}"),
             (char10, "ptb-char, refit 1 update in 10", char_plain, char_dni, "{:.3f}"),
-            (word, "ptb-word-small (test ppl)", word_plain, word_dni, "{:.2f}")):
+            (word, "ptb-word-small (test ppl), beta = lambda = 0.1", word_plain, word_dni,
+             "{:.2f}"),
+            (word05, "ptb-word-small, beta = lambda = 0.05 (the recipe)", word_plain,
+             word_dni, "{:.2f}")):
         rows = read(name)
         if rows is None:
             body.append([task, "-", "-", "-", "not run yet", "-", "-", "-"])
@@ -583,9 +599,9 @@ def section_lm_cdni():
                      cell({s: int(r["recoveries"] or 0) for s, r in cdni.items()}, "{}"),
                      f"{statistics.mean(float(r['tokens_per_s']) for r in rows):,.0f}"])
     return "\n".join(text + [
-        "Per seed: 1 / 2 (/ 3 on words: a seed no doc had named, run with the recipe "
-        "`ptb-word-small-cdni`; its plain TBPTT row is the stability sweep's, its recipe DNI row "
-        "was not run). `cos_k1`: the mean cosine of the synthetic gradient with the true "
+        "Per seed: 1 / 2 (/ 3 / 4 on words: seeds no doc had named, run with the recipe "
+        "`ptb-word-small-cdni`; plain TBPTT there is the stability sweep's row for seed 3 and "
+        f"`{WORD_PLAIN}` for seed 4; the recipes' DNI was not run on them). `cos_k1`: the mean cosine of the synthetic gradient with the true "
         "future gradient over the second half of the run; length: the synthetic gradient's "
         f"norm against the future gradient's there; tokens/s with the diagnosis, {CPU}:",
         "", table(["task", "plain TBPTT", "DNI (recipe)", "cDNI", "cDNI cos_k1",
