@@ -12,7 +12,9 @@ regression target, same half) and the norm ratio |g^| / |g_1|; the guard's recov
 the synthesizer's shape (`linear`, `mlp 1x1024`: hidden layers x units, `gru 64`), its
 parameters (counted in the run's checkpoint; 0 for plain TBPTT) and the run's tokens/s;
 the closed-form refit (`256 chunks`, `512 chunks, decay 0.997`; empty when off); BP(lambda)'s
-trace decay (empty for the other methods).
+trace decay (empty for the other methods); capped: the mean fraction of streams whose
+synthetic gradient the cap scaled down, second half (empty without a cap; CSVs written before
+2026-12-05 lack the column).
 """
 import argparse
 import csv
@@ -28,7 +30,7 @@ from dni_rnn.metrics import read_records
 FIELDS = ["recipe", "method", "T", "seed", "lr", "synth_lr", "beta", "lambda", "replay",
           "metric", "best", "test", "updates", "cos_k1", "n_k1", "cos_k2", "cos_target",
           "norm_ratio_k1", "recoveries", "elapsed_s", "run", "synth", "synth_params", "tokens_per_s",
-          "refit", "trace_decay"]
+          "refit", "trace_decay", "capped"]
 
 
 def synth_name(cfg):
@@ -93,7 +95,8 @@ def row(run_dir):
             "synth": synth_name(cfg) if d["method"] != "bptt" else "",
             "synth_params": synth_parameters(run_dir),
             "tokens_per_s": round(summary.get("tokens_per_s", 0.0)), "refit": refit_name(d),
-            "trace_decay": d.get("trace_decay", "") if d["method"] == "bp-lambda" else ""}
+            "trace_decay": d.get("trace_decay", "") if d["method"] == "bp-lambda" else "",
+            "capped": _mean([r.get("capped") for r in train])}
 
 
 def refit_name(d):

@@ -114,6 +114,10 @@ class RecordingOptimizer(torch.optim.Optimizer):
         self.total = grads if self.total is None else [a + b for a, b in zip(self.total, grads)]
 
 
+# ptb-word-small's DNI before 2026-12-05: the synthesizer reads the state alone (no refit;
+# what torchrun can run, and what sg-push's synthesizer is)
+STATE_ONLY_DNI = ["dni.context=none", "dni.synth_layers=1", "dni.refit=0"]
+
 # every recipe's smoke variant (tests that run each of them)
 SMOKE = ["ptb-word-small-smoke", "ptb-word-medium-smoke", "ptb-char-smoke", "copy-smoke",
          "repeat-copy-smoke", "repeat-copy-cdni-smoke", "repeat-copy-bplambda-smoke"]

@@ -27,7 +27,14 @@ def test_recipe_values_override_defaults():
     assert cfg.data.batch_size == 20 and cfg.train.truncation == 35   # from ptb-word-small
     small = C.load_recipe("ptb-word-small")
     assert (small.optim.name, small.optim.lr, small.optim.clip) == ("adam", 1e-3, 0.25)
-    assert small.dni == C.DNIConfig()  # DNI as the library defines it; the push is sg-push
+    # DNI as the library defines it, with the synthesizer that reads the next 5 words
+    cdni = dict(context="targets", context_code="decoder", context_steps=5, synth_layers=0,
+                refit=1e-3, refit_every=10, replay_chunks=256)
+    assert small.dni == dataclasses.replace(C.DNIConfig(), **cdni)
+    state_only = ["dni.context=none", "dni.synth_layers=1", "dni.refit=0"]
+    assert (C.load_recipe("ptb-word-small", state_only).dni ==
+            dataclasses.replace(C.DNIConfig(), **{**cdni, "context": "none", "synth_layers": 1,
+                                                  "refit": 0.0}))
     assert (small.train.epochs, small.train.log_interval) == (6, 200)
     assert (cfg.dni.target_scale, cfg.dni.sg_cap, cfg.dni.sg_scale) == ("rms", 1.0, 0.1)  # medium
     assert metric_name(C.load_recipe("ptb-char").data) == "bpc"
@@ -40,6 +47,9 @@ def test_bptt_and_dni_are_one_set_apart():
     assert dni.dni.method == "dni" and bptt.dni.method == "bptt"
     a, b = dni.to_dict(), bptt.to_dict()
     a["dni"].pop("method"), b["dni"].pop("method")
+    for key in ("context", "context_code", "context_steps", "synth_layers", "refit",
+                "refit_every", "replay_chunks"):  # DNI's synthesizer, which bptt has not
+        a["dni"].pop(key), b["dni"].pop(key)
     assert a == b
 
 
@@ -175,3 +185,29 @@ def test_docs_list_every_config_key():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
     missing = [key for key, *_ in C.config_keys() if f"| `{key}` |" not in doc]
     assert not missing, f"docs/training.md lacks {missing}"
+
+
+def test_a_method_table_applies_to_its_method_only_before_the_command_line(tmp_path):
+    """[method.dni] holds dni keys that dni.method=dni reads and the other methods do not;
+    --set still wins, and a recipe that extends one can change its table."""
+    base = tmp_path / "base.toml"
+    base.write_text('description = "b"\nextends = "ptb-word-small"\n[dni]\nsg_scale = 0.2\n'
+                    '[method.dni]\nsynth_layers = 0\nrefit = 0.001\n')
+    dni_cfg = C.load_recipe(base)
+    assert (dni_cfg.dni.synth_layers, dni_cfg.dni.refit, dni_cfg.dni.sg_scale) == (0, 1e-3, 0.2)
+    for method in ("bptt", "sg-push"):
+        other = C.load_recipe(base, [f"dni.method={method}"] +
+                              (["dni.sg_scale=0.1"] if method == "sg-push" else []))
+        assert (other.dni.synth_layers, other.dni.refit) == (1, 0.0)
+    assert C.load_recipe(base, ["dni.refit=0.01"]).dni.refit == 0.01
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base"\n[method.dni]\nrefit = 0.5\n'.replace(
+        '"base"', f'"{base}"'))
+    assert (C.load_recipe(child).dni.refit, C.load_recipe(child).dni.synth_layers) == (0.5, 0)
+    bad = tmp_path / "bad.toml"
+    for text, words in (('[method.nope]\nrefit = 1\n', "named after a dni.method"),
+                        ('[method.dni]\nmethod = "bptt"\n', "cannot set the method"),
+                        ('[method.dni]\nnope = 1\n', "nope")):
+        bad.write_text('description = "x"\n' + text)
+        with pytest.raises(C.ConfigError, match=words):
+            C.load_recipe(bad)

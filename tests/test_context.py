@@ -201,7 +201,8 @@ def test_config_context_on_the_copy_task_and_refused_elsewhere(tmp_path):
     with pytest.raises(ConfigError, match="dni.context"):
         load_recipe("copy-smoke", ["dni.context=labels"])
     refit = ["dni.context=targets", "dni.synth_layers=0", "dni.refit=1e-3"]
-    words = load_recipe("ptb-word-small-smoke", refit)
+    words = load_recipe("ptb-word-small-smoke", refit + ["dni.context_code=onehot",
+                                                         "dni.context_steps=0"])
     with pytest.raises(ConfigError, match=r"dni.context=targets gives 35 steps x \d+ = \d+ "
                                           "context features, more than the linear refit's "
                                           "4096; set dni.context_code=decoder"):
@@ -565,3 +566,14 @@ def test_between_refits_the_refitted_layer_keeps_the_refits_solution(n_hidden):
     assert not all(torch.equal(a, b) for a, b in zip(same1, fit2))  # update 3: refitted
     assert all(p not in opt.state for p in refitted)
     assert n_hidden == 0 or not all(torch.equal(a, b) for a, b in zip(hid1, hid2))
+
+
+def test_the_word_recipe_at_T35_is_the_measured_command():
+    """docs/RESULTS.md's T=35 cDNI rows were made with ptb-word-small-cdni and these --set
+    lines; they are ptb-word-small's DNI, one epoch, diagnosed."""
+    measured = load_recipe("ptb-word-small-cdni", [
+        "train.truncation=35", "dni.context_steps=5", "train.diagnose_every=25",
+        "dni.sg_scale=0.1"])
+    recipe = load_recipe("ptb-word-small", ["train.epochs=1", "train.diagnose_every=25"])
+    for part in ("data", "model", "optim", "train", "dni"):
+        assert getattr(recipe, part) == getattr(measured, part), part

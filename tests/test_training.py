@@ -11,7 +11,7 @@ from dni_rnn.compare import sweep
 from dni_rnn.config import ConfigError, load_recipe
 from dni_rnn.tbptt import TBPTTRunner
 from dni_rnn.training import evaluate_checkpoint, train
-from helpers import run_records
+from helpers import STATE_ONLY_DNI, run_records
 
 # a tiny word LM that still exercises everything a resume must restore: dropout (torch
 # RNG), random chunk lengths (the schedule's generator), DNI (synthesizer + its own
@@ -76,7 +76,7 @@ def test_sg_push_trains_exactly_the_raw_capped_dni_it_renames(ptb_dir, tmp_path)
     base = TINY_LM + ["train.max_steps=6", "dni.synth_lr=0"]  # the model's Adam, as shipped
     push = train(load_recipe("ptb-word-small-smoke", base + ["dni.method=sg-push"]),
                  out_dir=tmp_path / "push", data_dir=data, quiet=True)
-    raw = train(load_recipe("ptb-word-small-smoke", base + [
+    raw = train(load_recipe("ptb-word-small-smoke", base + STATE_ONLY_DNI + [
         "dni.target_scale=raw", "dni.sg_scale=0.0125"]), out_dir=tmp_path / "raw",
         data_dir=data, quiet=True)
     a, b = run_records(tmp_path / "push"), run_records(tmp_path / "raw")

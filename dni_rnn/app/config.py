@@ -10,7 +10,9 @@
 
 A recipe is a small TOML file with the same sections, plus two top-level keys:
 `description = "..."` (one line, shown by `dni-rnn recipes`) and optionally
-`extends = "other-recipe"` (start from that recipe, then override). `--set
+`extends = "other-recipe"` (start from that recipe, then override). A table
+`[method.M]` holds dni keys for one dni.method M only (e.g. the synthesizer that DNI reads,
+which plain TBPTT and sg-push do not); it applies after [dni], before `--set`. `--set
 section.key=value` on the command line is parsed by the field's type. Unknown sections
 or keys and wrongly typed values raise ConfigError with one line naming the key and
 listing the known ones.
@@ -255,6 +257,7 @@ class TrainConfig:
 SECTIONS = {"data": DataConfig, "task": TaskConfig, "model": ModelConfig, "dni": DNIConfig,
             "optim": OptimConfig, "train": TrainConfig}
 TOP_KEYS = ("description", "extends")
+METHOD_TABLE = "method"  # [method.dni]: dni keys a recipe gives one dni.method only
 
 
 @dataclass
@@ -692,15 +695,29 @@ def _merged_tables(path, seen=()):
             raise ConfigError(f"recipe {path}: extends {parent!r} in a loop")
         merged = _merged_tables(parent_path, seen + (parent_path.resolve(),))
     for key, value in raw.items():
-        if isinstance(value, dict):
+        if key == METHOD_TABLE:
+            _check_method_tables(path, value)
+            for method, keys in value.items():
+                merged.setdefault(key, {}).setdefault(method, {}).update(keys)
+        elif isinstance(value, dict):
             merged.setdefault(key, {}).update(value)
         elif key == "description":
             merged[key] = value
     return merged
 
 
+def _check_method_tables(path, tables):
+    for method, keys in tables.items():
+        if method not in METHODS or not isinstance(keys, dict):
+            raise ConfigError(f"recipe {path}: [{METHOD_TABLE}.{method}] must be a table named "
+                              f"after a dni.method ({', '.join(METHODS)})")
+        if "method" in keys:
+            raise ConfigError(f"recipe {path}: [{METHOD_TABLE}.{method}] cannot set the method")
+
+
 def load_recipe(name_or_path, overrides=()):
-    """Defaults <- recipe (and what it extends) <- `--set` overrides, validated.
+    """Defaults <- recipe (and what it extends) <- the recipe's `[method.M]` table for the
+    chosen dni.method M <- `--set` overrides, validated.
 
     Args:
         name_or_path: a shipped recipe's name (`dni-rnn recipes`) or a TOML file.
@@ -712,9 +729,12 @@ def load_recipe(name_or_path, overrides=()):
     """
     path = recipe_path(name_or_path)
     tables = _merged_tables(path, (path.resolve(),))
-    cfg = Config.from_dict(tables, where=f"recipe {path.name}")
+    by_method = tables.pop(METHOD_TABLE, {})
+    cfg = apply_overrides(Config.from_dict(tables, where=f"recipe {path.name}"), overrides)
+    if cfg.dni.method in by_method:  # the dni keys this recipe gives the chosen method only
+        tables["dni"] = {**tables.get("dni", {}), **by_method[cfg.dni.method]}
+        cfg = apply_overrides(Config.from_dict(tables, where=f"recipe {path.name}"), overrides)
     cfg.recipe = path.stem
-    apply_overrides(cfg, overrides)
     return validate(cfg)
 
 
