@@ -1,8 +1,11 @@
 """Past one machine: data-parallel TBPTT under `torchrun`, one process per rank.
 
-    torchrun --nproc_per_node=2 -m dni_rnn train ptb-word-small          # one node
+    torchrun --nproc_per_node=2 -m dni_rnn train ptb-char          # one node
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=2 \\
-        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m dni_rnn train ptb-word-small
+        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m dni_rnn train ptb-char
+
+(replay and the closed-form refit are refused: `ptb-word-small`'s DNI needs
+`--set dni.context=none --set dni.synth_layers=1 --set dni.refit=0`, docs/distributed.md)
 
 What is split. The B parallel streams of a recipe are cut into W contiguous blocks of
 B / W columns, one per rank; every rank carries the state of its own streams only

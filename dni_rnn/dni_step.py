@@ -397,7 +397,8 @@ class DNIStep:
         scale = self.scale(tokens)
         if not self.replay or not self.replay.filled or self.is_zero(scale):
             return
-        steps = self.replay.steps if any(p.requires_grad for p in self.params) else 0
+        trainable = any(p.requires_grad for p in self.interface.synthesizer.parameters())
+        steps = self.replay.steps if trainable else 0
         for _ in range(steps):  # none when the refit sets every synthesizer parameter
             for p in list(others) + self.params:
                 p.grad = None

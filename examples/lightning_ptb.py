@@ -21,7 +21,8 @@ import corpora
 import dni_rnn
 from dni_rnn.lightning import StreamLoader, TBPTTModule
 
-# recipes/ptb-word-small.toml's DNI settings (the recipe says why they are these)
+# sg-push's settings (recipes/ptb-word-small.toml's DNI until 2026-12-04: a capped push from
+# a state-only synthesizer; the recipe's DNI now also reads the next words, docs/dni.md)
 RECIPE_DNI = {"target_scale": "raw", "sg_cap": 1.0, "sg_scale": 0.0125}
 
 

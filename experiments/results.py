@@ -95,7 +95,9 @@ def section_words():
             "    dni-rnn train ptb-word-small --set train.epochs=1 --set train.truncation=T "
             "--set train.seed=S [--set dni.method=bptt | --set dni.method=sg-push]", "",
             "Perplexity, lower is better; valid is the best validation, test uses the best "
-            "checkpoint.", "",
+            "checkpoint. Since 2026-12-05 `ptb-word-small`'s DNI reads the next 5 words (cDNI, "
+            "below); the DNI rows of this section are the state-only DNI it had before, "
+            "`--set dni.context=none --set dni.synth_layers=1 --set dni.refit=0` now.", "",
             "### sg-push (shipped as DNI until 2026-12-04): raw targets, the cap and the "
             "guard, beta = lambda = 0.0125", "",
             "What the recipe shipped as DNI from 2026-11-28 to 2026-12-04, and `--set "
@@ -115,8 +117,8 @@ def section_words():
         text += [body, "", summary + " No run diverged.", ""]
     else:
         text.append(pending("dni-stability-cpu.csv"))
-    text += ["### DNI, the library defaults (RMS targets, cap 1, guard): the recipe since "
-             "2026-12-04", "",
+    text += ["### DNI, the library defaults (RMS targets, cap 1, guard): the recipe from "
+             "2026-12-04 to 2026-12-05", "",
              "`... --set dni.target_scale=rms --set dni.sg_cap=1`, as run by `python "
              "experiments/dni_stability.py --cases word-T5,word-T10,word-T35 --only "
              f"default,plain` on {H200}. Rows: `docs/results/dni-stability-h200*.csv`.", ""]
@@ -566,8 +568,7 @@ def section_lm_cdni():
             "train.threads=1",
             "    python experiments/cosine_csv.py runs/word-cdni-b005/dni-T5-s? --out "
             f"docs/results/{word05}",
-            "    python experiments/cosine_csv.py runs/word-T5-plain/s4 --out "
-            f"docs/results/{WORD_PLAIN}", ""]
+            "    # plain TBPTT on seed 4: its CSV is made in the T=35 section below", ""]
     body = []
     sweep = read("ptb-char-truncations.csv") or []
     chars = {(r["method"], int(r["seed"])): float(r["test"]) for r in sweep if r["T"] == "5"}
@@ -602,9 +603,10 @@ def section_lm_cdni():
         "Per seed: 1 / 2 (/ 3 / 4 on words: seeds no doc had named, run with the recipe "
         "`ptb-word-small-cdni`; plain TBPTT there is the stability sweep's row for seed 3 and "
         f"`{WORD_PLAIN}` for seed 4; the recipes' DNI was not run on them). `cos_k1`: the "
-        "mean cosine of the synthetic gradient with the true future gradient over the second half of the run; length: the synthetic gradient's "
+        "mean cosine of the synthetic gradient with the true future gradient over the "
+        "second half of the run; length: the synthetic gradient's "
         f"norm against the future gradient's there; tokens/s with the diagnosis, {CPU}:",
-        "", table(["task", "plain TBPTT", "DNI (recipe)", "cDNI", "cDNI cos_k1",
+        "", table(["task", "plain TBPTT", "DNI (state only)", "cDNI", "cDNI cos_k1",
                    "length", "recoveries", "tokens/s"], body), ""])
 
 
@@ -619,11 +621,17 @@ def section_word_T35_cdni():
             "Plain TBPTT and sg-push are the stability sweep's T=35 rows above (the same recipe "
             f"and budget; earlier code); plain TBPTT on seed 1 again, on this code, is in "
             f"`{WORD_PLAIN}`.", "",
-            "    dni-rnn train ptb-word-small --out runs/word-cdni-T35-fix/dni-T35-sS --set "
-            "train.epochs=1 --set train.seed=S --set train.threads=1 --set "
-            "train.diagnose_every=25",
+            "    dni-rnn train ptb-word-small-cdni --out runs/word-cdni-T35-fix/dni-T35-sS "
+            "--set train.truncation=35 --set dni.context_steps=5 --set dni.sg_scale=0.1 --set "
+            "train.diagnose_every=25 --set train.seed=S --set train.threads=1",
+            "    # which is `dni-rnn train ptb-word-small --set train.epochs=1 --set "
+            "train.diagnose_every=25` (tested); plain TBPTT on seed 1, and on seed 4 at T=5:",
+            "    dni-rnn train ptb-word-small --out runs/word-T35-plain/s1 --set train.seed=1 "
+            "--set train.epochs=1 --set dni.method=bptt --set train.threads=1",
             "    python experiments/cosine_csv.py runs/word-cdni-T35-fix/dni-T35-s? --out "
-            f"docs/results/{name}", ""]
+            f"docs/results/{name}",
+            "    python experiments/cosine_csv.py runs/word-T5-plain/s4 runs/word-T35-plain/s1 "
+            f"--out docs/results/{WORD_PLAIN}", ""]
     rows = read(name)
     if rows is None:
         return "\n".join(text + [pending(name)])

@@ -204,10 +204,17 @@ def test_a_method_table_applies_to_its_method_only_before_the_command_line(tmp_p
     child.write_text('extends = "base"\n[method.dni]\nrefit = 0.5\n'.replace(
         '"base"', f'"{base}"'))
     assert (C.load_recipe(child).dni.refit, C.load_recipe(child).dni.synth_layers) == (0.5, 0)
+    plain_child = tmp_path / "plain_child.toml"  # a file's [dni] outranks inherited tables
+    plain_child.write_text(f'extends = "{base}"\n[dni]\nrefit = 0.25\n')
+    assert C.load_recipe(plain_child).dni.refit == 0.25
+    assert C.load_recipe(plain_child, ["dni.method=bptt"]).dni.refit == 0.25
+    smoke = C.load_recipe("ptb-word-small-cdni-smoke")
+    assert (smoke.dni.replay_chunks, smoke.dni.refit_every, smoke.dni.sg_scale) == (4, 1, 0.05)
+    assert C.load_recipe("ptb-word-small-cdni", ["dni.method=sg-push"]).dni.synth_layers == 1
     bad = tmp_path / "bad.toml"
     for text, words in (('[method.nope]\nrefit = 1\n', "named after a dni.method"),
                         ('[method.dni]\nmethod = "bptt"\n', "cannot set the method"),
-                        ('[method.dni]\nnope = 1\n', "nope")):
+                        ('[method.sg-push]\nnope = 1\n', r"\[method.sg-push\].*nope")):
         bad.write_text('description = "x"\n' + text)
         with pytest.raises(C.ConfigError, match=words):
             C.load_recipe(bad)

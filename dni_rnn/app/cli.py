@@ -306,7 +306,8 @@ def cmd_compare(args):
 
     cfg = load_recipe(args.recipe, args.overrides)
     out = args.out or str(Path("runs") / f"compare-{cfg.recipe}")
-    sweep(cfg, parse_list(args.truncations, int, "--truncations"),
+    for_method = lambda m: load_recipe(args.recipe, args.overrides + [f"dni.method={m}"])
+    sweep(for_method, parse_list(args.truncations, int, "--truncations"),
           parse_list(args.methods, str, "--methods"), parse_list(args.seeds, int, "--seeds"),
           args.budget_tokens, out, data_dir=args.data_dir, points=args.points, jobs=args.jobs,
           budget_updates=args.budget_updates, report=args.report)

@@ -120,7 +120,9 @@ def plan(cfg, truncations, methods, seeds, budget_tokens, out_dir, points=10, bu
     summaries of the runs finished there before. Creates `out_dir`.
 
     Args:
-        cfg: the recipe's Config (its own method, truncation and seed are replaced).
+        cfg: the recipe's Config (its own method, truncation and seed are replaced), or a
+            function method -> Config, the recipe loaded for that method (so that its
+            `[method.M]` tables apply, as `dni-rnn compare` does).
         truncations, methods, seeds: the grid.
         budget_tokens: training tokens per run (0: the recipe's own budget).
         out_dir: where runs, tables and plots go.
@@ -137,7 +139,8 @@ def plan(cfg, truncations, methods, seeds, budget_tokens, out_dir, points=10, bu
             raise ConfigError(f"--truncations: lengths must be >= 1, got {T}")
     if budget_tokens and budget_updates:
         raise ConfigError("compare: give --budget-tokens or --budget-updates, not both")
-    budget = budget_updates or budget_tokens or cfg.train.max_tokens
+    for_method = cfg if callable(cfg) else (lambda method: cfg)
+    budget = budget_updates or budget_tokens or for_method(methods[0]).train.max_tokens
     if not budget:
         raise ConfigError("compare needs a budget: --budget-tokens N or --budget-updates N (or "
                           "train.max_tokens in the recipe)")
@@ -149,7 +152,7 @@ def plan(cfg, truncations, methods, seeds, budget_tokens, out_dir, points=10, bu
         raise ConfigError(f"output directory {out} is not writable ({e.strerror or e})") from None
     configs, summaries = {}, {}
     for method, T, seed in itertools.product(methods, truncations, seeds):
-        c = copy.deepcopy(cfg)
+        c = copy.deepcopy(for_method(method))
         c.dni.method, c.train.truncation, c.train.seed = method, T, seed
         c.train.epochs = max(c.train.epochs, 10**6)  # the budget decides
         if unit == "updates":

@@ -695,24 +695,34 @@ def _merged_tables(path, seen=()):
             raise ConfigError(f"recipe {path}: extends {parent!r} in a loop")
         merged = _merged_tables(parent_path, seen + (parent_path.resolve(),))
     for key, value in raw.items():
-        if key == METHOD_TABLE:
-            _check_method_tables(path, value)
-            for method, keys in value.items():
-                merged.setdefault(key, {}).setdefault(method, {}).update(keys)
-        elif isinstance(value, dict):
+        if isinstance(value, dict) and key != METHOD_TABLE:
             merged.setdefault(key, {}).update(value)
+            if key == "dni":  # this file's [dni] outranks the method tables it inherits
+                for keys in merged.get(METHOD_TABLE, {}).values():
+                    for k in value:
+                        keys.pop(k, None)
         elif key == "description":
             merged[key] = value
+    if METHOD_TABLE in raw:  # and its own method tables outrank its [dni]
+        _check_method_tables(path, raw[METHOD_TABLE])
+        for method, keys in raw[METHOD_TABLE].items():
+            merged.setdefault(METHOD_TABLE, {}).setdefault(method, {}).update(keys)
     return merged
 
 
 def _check_method_tables(path, tables):
+    if not isinstance(tables, dict):
+        raise ConfigError(f"recipe {path}: {METHOD_TABLE} must be tables [{METHOD_TABLE}.M], "
+                          f"M a dni.method ({', '.join(METHODS)})")
     for method, keys in tables.items():
         if method not in METHODS or not isinstance(keys, dict):
             raise ConfigError(f"recipe {path}: [{METHOD_TABLE}.{method}] must be a table named "
                               f"after a dni.method ({', '.join(METHODS)})")
         if "method" in keys:
             raise ConfigError(f"recipe {path}: [{METHOD_TABLE}.{method}] cannot set the method")
+        probe = Config()
+        for k, v in keys.items():  # checked now, not only when that method runs
+            set_value(probe, f"dni.{k}", v, where=f"recipe {path}: [{METHOD_TABLE}.{method}]")
 
 
 def load_recipe(name_or_path, overrides=()):
