@@ -538,6 +538,7 @@ def section_lm_cdni():
     """cDNI on PTB at T=5: the synthesizer reads the next T tokens (docs/dni.md, point 16)."""
     char, word = "ptb-char-cdni.csv", "ptb-word-cdni.csv"
     char10, word05 = "ptb-char-cdni-every10.csv", "ptb-word-cdni-b005.csv"
+    word_fix = "ptb-word-cdni-fix.csv"
     text = ["### PTB at T=5: cDNI, the synthesizer reads the next T tokens", "",
             "DNI whose linear synthesizer also reads the T tokens after each boundary and is "
             "refitted in closed form on the last 256 chunks (the copy tasks' cDNI): on "
@@ -568,7 +569,12 @@ def section_lm_cdni():
             "train.threads=1",
             "    python experiments/cosine_csv.py runs/word-cdni-b005/dni-T5-s? --out "
             f"docs/results/{word05}",
-            "    # plain TBPTT on seed 4: its CSV is made in the T=35 section below", ""]
+            "    # plain TBPTT on seed 4: its CSV is made in the T=35 section below",
+            "    # the recipe after the refit fix of 2026-12-05 (docs/dni.md, point 17), seed 3:",
+            "    dni-rnn train ptb-word-small-cdni --out runs/word-cdni-fix/dni-T5-s3 --set "
+            "train.seed=3 --set train.threads=1",
+            "    python experiments/cosine_csv.py runs/word-cdni-fix/dni-T5-s3 --out "
+            f"docs/results/{word_fix}", ""]
     body = []
     sweep = read("ptb-char-truncations.csv") or []
     chars = {(r["method"], int(r["seed"])): float(r["test"]) for r in sweep if r["T"] == "5"}
@@ -585,6 +591,8 @@ def section_lm_cdni():
             (word, "ptb-word-small (test ppl), beta = lambda = 0.1", word_plain, word_dni,
              "{:.2f}"),
             (word05, "ptb-word-small, beta = lambda = 0.05 (the recipe; before the refit fix)",
+             word_plain, word_dni, "{:.2f}"),
+            (word_fix, "ptb-word-small, the recipe after the refit fix (seed 3 only)",
              word_plain, word_dni, "{:.2f}")):
         rows = read(name)
         if rows is None:
