@@ -570,10 +570,10 @@ def section_lm_cdni():
             "    python experiments/cosine_csv.py runs/word-cdni-b005/dni-T5-s? --out "
             f"docs/results/{word05}",
             "    # plain TBPTT on seed 4: its CSV is made in the T=35 section below",
-            "    # the recipe after the refit fix of 2026-12-05 (docs/dni.md, point 17), seed 3:",
-            "    dni-rnn train ptb-word-small-cdni --out runs/word-cdni-fix/dni-T5-s3 --set "
-            "train.seed=3 --set train.threads=1",
-            "    python experiments/cosine_csv.py runs/word-cdni-fix/dni-T5-s3 --out "
+            "    # the recipe after the refit fix of 2026-12-05 (docs/dni.md, point 17), seeds 1-3:",
+            "    dni-rnn train ptb-word-small-cdni --out runs/word-cdni-fix/dni-T5-sS --set "
+            "train.seed=S --set train.threads=1",
+            "    python experiments/cosine_csv.py runs/word-cdni-fix/dni-T5-s? --out "
             f"docs/results/{word_fix}", ""]
     body = []
     sweep = read("ptb-char-truncations.csv") or []
@@ -592,7 +592,7 @@ def section_lm_cdni():
              "{:.2f}"),
             (word05, "ptb-word-small, beta = lambda = 0.05 (the recipe; before the refit fix)",
              word_plain, word_dni, "{:.2f}"),
-            (word_fix, "ptb-word-small, the recipe after the refit fix (seed 3 only)",
+            (word_fix, "ptb-word-small, the recipe after the refit fix",
              word_plain, word_dni, "{:.2f}")):
         rows = read(name)
         if rows is None:
