@@ -85,13 +85,8 @@ class BasicSynthesizer(nn.Module):
     @torch.no_grad()
     def zero_output_(self):
         """Zero the output layer (weights and bias): the message becomes exactly zero."""
-        last = self.output if self.output is not None else self.input_trigger
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        if self.output is None and self.input_context is not None:
-            nn.init.zeros_(self.input_context.weight)
-        if self.input_products is not None:
-            nn.init.zeros_(self.input_products.weight)
+        for p in self.refitted_parameters():  # everything that writes the message directly
+            nn.init.zeros_(p)
 
     def forward(self, trigger, context=None):
         if self.output is None:

@@ -7,6 +7,7 @@ import pytest
 from dni_rnn import config as C
 from dni_rnn.lm_data import metric_name
 from dni_rnn.tasks import CopyTask
+from helpers import STATE_ONLY_DNI
 
 
 def test_every_shipped_recipe_loads_and_validates():
@@ -31,8 +32,7 @@ def test_recipe_values_override_defaults():
     cdni = dict(context="targets", context_code="decoder", context_steps=5, synth_layers=0,
                 refit=1e-3, refit_every=10, replay_chunks=256)
     assert small.dni == dataclasses.replace(C.DNIConfig(), **cdni)
-    state_only = ["dni.context=none", "dni.synth_layers=1", "dni.refit=0"]
-    assert (C.load_recipe("ptb-word-small", state_only).dni ==
+    assert (C.load_recipe("ptb-word-small", STATE_ONLY_DNI).dni ==
             dataclasses.replace(C.DNIConfig(), **{**cdni, "context": "none", "synth_layers": 1,
                                                   "refit": 0.0}))
     assert (small.train.epochs, small.train.log_interval) == (6, 200)

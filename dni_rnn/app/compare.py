@@ -139,8 +139,8 @@ def plan(cfg, truncations, methods, seeds, budget_tokens, out_dir, points=10, bu
             raise ConfigError(f"--truncations: lengths must be >= 1, got {T}")
     if budget_tokens and budget_updates:
         raise ConfigError("compare: give --budget-tokens or --budget-updates, not both")
-    for_method = cfg if callable(cfg) else (lambda method: cfg)
-    budget = budget_updates or budget_tokens or for_method(methods[0]).train.max_tokens
+    by_method = {m: cfg(m) if callable(cfg) else cfg for m in methods}
+    budget = budget_updates or budget_tokens or by_method[methods[0]].train.max_tokens
     if not budget:
         raise ConfigError("compare needs a budget: --budget-tokens N or --budget-updates N (or "
                           "train.max_tokens in the recipe)")
@@ -152,7 +152,7 @@ def plan(cfg, truncations, methods, seeds, budget_tokens, out_dir, points=10, bu
         raise ConfigError(f"output directory {out} is not writable ({e.strerror or e})") from None
     configs, summaries = {}, {}
     for method, T, seed in itertools.product(methods, truncations, seeds):
-        c = copy.deepcopy(for_method(method))
+        c = copy.deepcopy(by_method[method])
         c.dni.method, c.train.truncation, c.train.seed = method, T, seed
         c.train.epochs = max(c.train.epochs, 10**6)  # the budget decides
         if unit == "updates":
